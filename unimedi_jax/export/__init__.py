@@ -1,0 +1,1 @@
+"""Export of trained encoders to PyTorch-loadable files (timm / Hugging Face names)."""

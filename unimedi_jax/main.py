@@ -1,0 +1,41 @@
+"""Entry point: `python -m unimedi_jax.main --config=configs/TASK.py --workdir=DIR`.
+
+The config's `task` field names what runs (see `TASKS`); every config value can be overridden
+on the command line, e.g. `--config.total_steps=100 --config.model.vit.dtype=bfloat16`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+
+# task name -> "module:function(config, workdir)"
+TASKS = {
+    "pretrain": "unimedi_jax.train.trainer:train_and_evaluate",
+}
+
+
+def run(config, workdir: str):
+    """Runs the task named by `config.task`."""
+    if config.task not in TASKS:
+        raise ValueError(f"config.task={config.task!r} is unknown; known tasks: {sorted(TASKS)}")
+    module, fn = TASKS[config.task].split(":")
+    return getattr(importlib.import_module(module), fn)(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

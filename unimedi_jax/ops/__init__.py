@@ -1,0 +1,1 @@
+"""Jittable array ops."""
