@@ -14,6 +14,12 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs; on clusters "
+    "(SLURM, TPU pods) use --distributed instead and let JAX find its peers.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 
 # task name -> "module:function(config, workdir)"
 TASKS = {
@@ -29,10 +35,21 @@ def run(config, workdir: str):
     return getattr(importlib.import_module(module), fn)(config, workdir)
 
 
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Joins a multi-process run; CPU processes talk through gloo collectives."""
+    import jax
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run(_CONFIG.value, _WORKDIR.value)
 
 

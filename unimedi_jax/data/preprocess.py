@@ -58,7 +58,7 @@ def as_shape(size: Size, ndim: int) -> tuple[int, ...]:
 
 
 def center_offsets(shape: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
-    """Start offsets of a centred `size` window in `shape` (floor((s - c) / 2), as torchvision)."""
+    """Start offsets of a centred `size` window in `shape`: floor((s - c) / 2) per axis."""
     if len(shape) != len(size) or any(c > s for s, c in zip(shape, size)):
         raise ValueError(f"Cannot crop {tuple(size)} out of {tuple(shape)}")
     return tuple((s - c) // 2 for s, c in zip(shape, size))

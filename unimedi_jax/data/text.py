@@ -7,6 +7,7 @@ Every report becomes exactly `max_length` tokens (padded to max_length, truncate
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Sequence
 
 import grain
@@ -15,9 +16,15 @@ import numpy as np
 MAX_LENGTH = 112  # DESIGN.md section 3 (MGCA's report length)
 
 
+# Grain's reader threads share one tokenizer per process; a fast tokenizer must not be called
+# from two threads at once (each call resets its truncation/padding state: "Already borrowed",
+# huggingface/tokenizers#537), so loading and calling it hold this lock.
+_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def cached_tokenizer(folder: str):
-    """`bert.load_tokenizer(folder)`, loaded once per process."""
+    """`bert.load_tokenizer(folder)`, loaded once per process (call it holding `_LOCK`)."""
     from unimedi_jax.models import bert  # imported here: worker processes load it on first use
 
     return bert.load_tokenizer(folder)
@@ -63,5 +70,6 @@ class Tokenize(grain.transforms.Map):
     def map(self, element: dict) -> dict:
         out = dict(element)
         text = as_text(out.pop(self.field))
-        out.update(tokenize(cached_tokenizer(self.folder), text, self.max_length))
+        with _LOCK:
+            out.update(tokenize(cached_tokenizer(self.folder), text, self.max_length))
         return out

@@ -67,14 +67,15 @@ class AugmentOptions:
             raise ValueError(f"Invalid augmentation options {self}")
 
 
-# X-ray: flip p=0.5 (torchvision RandomHorizontalFlip default; the paper's "randomflip"),
-# rotation up to 10 degrees (MoCo-CXR chest X-ray augmentation, arXiv:2010.05352), scale
-# +-10% (albumentations ShiftScaleRotate scale_limit=0.1, the paper's segmentation augmentation).
-XRAY_AUGMENT = AugmentOptions(flip_prob=0.5, max_rotation_deg=10.0, scale_range=(0.9, 1.1))
-# CT: flip p=0.5 (the paper's 3D "randomflip") and a small brightness/contrast jitter (the paper
-# lists brightness and contrast for 3D fine-tuning; 10% is this project's choice). No affine, so
-# voxels stay on the stored grid.
-CT_AUGMENT = AugmentOptions(flip_prob=0.5, intensity_scale=0.1, intensity_shift=0.1)
+# No flip by default: reports state laterality ("left lower lobe"), which a mirror image would
+# contradict (MGCA's pretraining transform does not flip either); label-only fine-tuning may
+# enable it (the paper's 3D classification uses "randomflip").
+# X-ray: rotation up to 10 degrees (MoCo-CXR chest X-ray augmentation, arXiv:2010.05352) and
+# scale +-10% (albumentations ShiftScaleRotate scale_limit=0.1, the paper's 2D segmentation).
+XRAY_AUGMENT = AugmentOptions(max_rotation_deg=10.0, scale_range=(0.9, 1.1))
+# CT: a small brightness/contrast jitter (the paper lists brightness and contrast for 3D
+# fine-tuning; 10% is this project's choice). No affine, so voxels stay on the stored grid.
+CT_AUGMENT = AugmentOptions(intensity_scale=0.1, intensity_shift=0.1)
 DEFAULT_AUGMENT = {"xray": XRAY_AUGMENT, "ct": CT_AUGMENT}
 
 

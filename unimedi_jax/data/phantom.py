@@ -1,0 +1,668 @@
+"""Synthetic chest phantom: CT volumes with planted findings, DRR X-rays, and their reports.
+
+Example `index` of a stream `seed` is a pure function of (seed, index): every random draw comes
+from `np.random.default_rng([seed, index, stream])`, so a data source can generate unlimited
+examples lazily, in any order, in any worker process. Pure numpy; no per-voxel Python loops.
+
+Subject coordinates are in mm: z cranio-caudal (0 at the lung apex, increasing caudally), y
+antero-posterior (0 at the body centre, increasing posteriorly), x right-left (0 at the midline,
+increasing to the patient's left). Volumes are (D, H, W) = (z, y, x); X-rays are (rows, cols) =
+(z, x), so, as on a radiograph, the patient's right is on the viewer's left.
+
+A subject is drawn first (body, lungs, heart, spine, ribs, vessels, tissue intensities), then
+the scan range (the CT's cranio-caudal offset and extent are jittered so that absolute depth
+says little about where findings are), then findings spread uniformly over the visible lung
+depth, then everything is painted into a uint8 tissue map that maps to HU by lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from unimedi_jax.ops import drr as drr_lib
+
+LABEL_NAMES = ("nodule", "consolidation", "ground_glass", "effusion", "cardiomegaly")
+NODULE, CONSOLIDATION, GROUND_GLASS, EFFUSION, CARDIOMEGALY = range(len(LABEL_NAMES))
+
+# Tissue codes of the label map. Mask class of finding f is f + 1 (docs/CONTRACTS.md).
+TISSUES = ("air", "fat", "soft_tissue", "lung", "heart", "bone", "vessel",
+           "nodule", "consolidation", "ground_glass", "fluid")
+(T_AIR, T_FAT, T_SOFT, T_LUNG, T_HEART, T_BONE, T_VESSEL,
+ T_NODULE, T_CONSOLIDATION, T_GROUND_GLASS, T_FLUID) = range(len(TISSUES))
+
+# HU range per tissue, one value drawn per subject. Standard CT attenuation tables (air -1000,
+# fat -120..-80, muscle/blood 30..50, aerated lung -880..-820, cortical+trabecular bone as seen
+# at ~6 mm voxels 600..800, transudate 0..20); lesions: solid nodule 20..60, consolidation
+# -50..40 and ground glass -700..-500 (Fleischner glossary ranges); vessel: partial-volume mix
+# of blood and lung in a voxel much wider than the vessel.
+TISSUE_HU = np.array([
+    (-1000, -1000), (-120, -80), (30, 50), (-880, -820), (30, 50), (600, 800), (-350, -150),
+    (20, 60), (-50, 40), (-700, -500), (0, 20)], np.float32)
+HU_MIN, HU_MAX = -1024, 3071  # 12-bit CT range stored as int16
+
+# Anatomy (mm), adult chest CT norms; each (lo, hi) is a uniform draw per subject.
+BODY_HALF_WIDTH = (140.0, 175.0)
+BODY_HALF_DEPTH = (95.0, 125.0)
+FAT_THICKNESS = (8.0, 25.0)
+CHEST_WALL = (12.0, 22.0)  # muscle and ribs between fat and pleura
+RIB_THICKNESS = (6.0, 9.0)  # radial
+RIB_HEIGHT = (8.0, 11.0)  # cranio-caudal
+RIB_PERIOD = (21.0, 26.0)  # 12 ribs over the thorax
+RIB_DESCENT = (0.3, 0.5)  # caudal drop of a rib per mm it runs anteriorly
+LUNG_LENGTH = (220.0, 290.0)  # apex to base of the diaphragm's dome
+APEX_TAPER = 0.35  # fraction of lung length over which the cross-section reaches full size
+DOME_HEIGHT = (15.0, 35.0)
+RIGHT_DOME_EXTRA = (5.0, 20.0)  # the right hemidiaphragm sits higher (liver)
+HEART_RADII = ((45.0, 60.0), (38.0, 50.0), (45.0, 58.0))  # (z, y, x)
+HEART_DEPTH = (0.5, 0.75)  # heart centre as a fraction of lung length
+CARDIOMEGALY_SCALE = ((1.05, 1.2), (1.1, 1.25), (1.3, 1.6))  # (z, y, x) enlargement
+SPINE_RADIUS = (16.0, 22.0)
+VESSELS_PER_LUNG = (6, 10)
+VESSEL_RADIUS = (1.5, 3.0)
+
+# Findings (mm).
+NODULE_DIAMETER = (4.0, 30.0)  # log-uniform; Fleischner: nodules are < 30 mm
+NODULE_COUNT = (1, 3)
+CONSOLIDATION_RADIUS = (12.0, 30.0)
+GROUND_GLASS_RADIUS = (15.0, 35.0)
+PATCH_COUNT = (1, 2)  # consolidation / ground-glass patches per subject
+EFFUSION_THICKNESS = {"small": (10.0, 20.0), "moderate": (25.0, 40.0), "large": (45.0, 65.0)}
+EFFUSION_EXTENT = (0.25, 0.6)  # cranio-caudal extent, fraction of lung length
+
+# CT scan range: offset of the first / last slice from the apex / lung base, in lung lengths
+# (negative: the scan cuts into the lung).
+SCAN_TOP = (-0.25, 0.2)
+SCAN_BOTTOM = (-0.2, 0.25)
+CT_FOV = (360.0, 440.0)  # reconstruction field of view, mm
+# X-ray: the lungs take this fraction of the film height; margins around them.
+XRAY_LUNG_FRACTION = (0.62, 0.72)
+XRAY_TOP_MARGIN = (0.1, 0.18)  # space above the apex, fraction of the field
+XRAY_WINDOW = 7.0  # attenuation (sum mu*dl) shown as white: ~360 mm of water
+VOXEL_FLOOR = 0.75  # lesion cross-sections are at least this many in-plane voxels wide
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomOptions:
+    """What the phantom generates. `seed` is the base seed the builder and pipelines derive
+    split seeds from (`split_seed`); `generate_*` take the split seed explicitly."""
+    volume_size: tuple = (32, 64, 64)  # (D, H, W): 3D input of DESIGN.md at half in-plane size
+    image_size: int = 72  # stored X-ray size S; training takes random 64 x 64 crops
+    xray_render_size: int = 48  # in-plane size of the X-ray phantom, upsampled to image_size
+    xray_depth_samples: int = 32  # voxels along each X-ray ray (antero-posterior)
+    normal_fraction: float = 0.3  # share of examples without findings
+    finding_probs: tuple = (0.5, 0.35, 0.35, 0.3, 0.25)  # per finding in abnormal cases
+    ct_noise_hu: float = 20.0  # Gaussian CT noise, standard dose chest CT
+    xray_noise: float = 0.01  # Gaussian noise on the [0, 1] radiograph
+    min_finding_slices: int = 4  # = 3D patch depth (DESIGN.md section 2)
+    pair_drr_with_ct: bool = False  # X-ray i is the DRR of CT i (UniMiSS+)
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(ok, key, what):
+            if not ok:
+                raise ValueError(f"PhantomOptions.{key}={getattr(self, key)!r}: {what}")
+        need(len(self.volume_size) == 3 and min(self.volume_size) >= 4, "volume_size",
+             "needs three sizes (D, H, W), each >= 4")
+        need(self.image_size >= 8, "image_size", "must be >= 8")
+        need(self.xray_render_size >= 8, "xray_render_size", "must be >= 8")
+        need(self.xray_depth_samples >= 4, "xray_depth_samples", "must be >= 4")
+        need(0.0 <= self.normal_fraction <= 1.0, "normal_fraction", "must lie in [0, 1]")
+        need(len(self.finding_probs) == len(LABEL_NAMES)
+             and all(0.0 <= p <= 1.0 for p in self.finding_probs)
+             and sum(self.finding_probs) > 0, "finding_probs",
+             f"needs {len(LABEL_NAMES)} probabilities in [0, 1] ({LABEL_NAMES}), not all 0")
+        need(self.ct_noise_hu >= 0 and self.xray_noise >= 0, "ct_noise_hu",
+             "noise levels must be >= 0")
+        need(1 <= self.min_finding_slices <= self.volume_size[0], "min_finding_slices",
+             "must lie in [1, D]")
+        need(0 <= self.seed < 2**32, "seed", "must lie in [0, 2**32)")
+
+
+SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
+
+
+def split_seed(base_seed: int, split: str) -> int:
+    """Seed of a split's stream: disjoint for every (base_seed < 2**32, split) pair."""
+    if split not in SPLIT_INDEX:
+        raise ValueError(f"Unknown split {split!r}; known: {list(SPLIT_INDEX)}")
+    return base_seed + (SPLIT_INDEX[split] << 32)
+
+
+# Random streams of one example.
+_CT, _CT_NOISE, _XRAY, _XRAY_NOISE, _REPORT = range(5)
+
+
+def _rng(seed, index, stream):
+    return np.random.default_rng([seed, index, stream])
+
+
+def _uniform(rng, bounds, size=None):
+    return rng.uniform(bounds[0], bounds[1], size)
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Voxel centres of a (D, H, W) volume: origin (centre of voxel 0, mm) + index * spacing."""
+    origin: tuple
+    spacing: tuple
+    shape: tuple
+
+    def box(self, lo, hi):
+        """Slices of the voxels whose centres lie in [lo, hi] (per axis, mm), clipped."""
+        out = []
+        for o, s, n, a, b in zip(self.origin, self.spacing, self.shape, lo, hi):
+            i0 = min(max(math.ceil((a - o) / s), 0), n)
+            i1 = min(max(math.floor((b - o) / s) + 1, i0), n)
+            out.append(slice(i0, i1))
+        return tuple(out)
+
+    def coords(self, box=None):
+        """Broadcastable centre coordinates z (d,1,1), y (1,h,1), x (1,1,w) of `box` (mm)."""
+        box = box or tuple(slice(0, n) for n in self.shape)
+        axes = [o + s * np.arange(b.start, b.stop, dtype=np.float32)
+                for o, s, b in zip(self.origin, self.spacing, box)]
+        return (axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
+
+
+@dataclasses.dataclass
+class Subject:
+    """Anatomy of one subject (mm) and its tissue intensities."""
+    body: tuple  # (half depth y, half width x)
+    cavity: tuple  # pleural cavity half axes (y, x)
+    lungs: list  # per side (right, left): dict(cy, cx, ry, rx, length, dome)
+    heart_centre: np.ndarray
+    heart_radii: np.ndarray
+    enlargement: float  # heart x-radius factor (1: normal size)
+    spine: tuple  # (centre y, radius)
+    ribs: dict
+    vessels: list  # (start (3,), end (3,), radius)
+    hu: np.ndarray  # (len(TISSUES),) HU per tissue
+
+    @property
+    def length(self):
+        return max(lung["length"] for lung in self.lungs)
+
+
+def _lung_scale(lung, z):
+    """Cross-section scale of a lung at depth z: 0 at the apex, 1 from APEX_TAPER down."""
+    t = np.asarray(z) / lung["length"]
+    return np.sqrt(np.clip(t / APEX_TAPER, 0.0, 1.0)) * (t >= 0)
+
+
+def _in_lung(lung, z, y, x):
+    """Boolean (broadcast shape): point inside the lung (apex taper, domed base)."""
+    q = ((y - lung["cy"]) / lung["ry"]) ** 2 + ((x - lung["cx"]) / lung["rx"]) ** 2
+    f = _lung_scale(lung, z)
+    return (q < f * f) & (z < lung["length"] - lung["dome"] * np.maximum(1.0 - q, 0.0))
+
+
+def _sample_subject(rng, cardiomegaly):
+    body = (_uniform(rng, BODY_HALF_DEPTH), _uniform(rng, BODY_HALF_WIDTH))
+    wall = _uniform(rng, FAT_THICKNESS) + _uniform(rng, CHEST_WALL)
+    cavity = (body[0] - wall, body[1] - wall)
+    length = _uniform(rng, LUNG_LENGTH)
+    dome = _uniform(rng, DOME_HEIGHT)
+    lungs = []
+    for side, extra in ((-1, _uniform(rng, RIGHT_DOME_EXTRA)), (1, 0.0)):
+        rx = cavity[1] * rng.uniform(0.38, 0.44)  # lungs fill the cavity beside the mediastinum
+        ry = cavity[0] * rng.uniform(0.8, 0.9)
+        lungs.append(dict(cx=side * (cavity[1] - rx - 3.0), cy=cavity[0] - ry - 3.0 - 0.1 * ry,
+                          rx=rx, ry=ry, length=length - extra * rng.uniform(0.3, 0.6),
+                          dome=dome + extra))
+    heart_centre = np.array([length * _uniform(rng, HEART_DEPTH),
+                             -cavity[0] * rng.uniform(0.2, 0.35), rng.uniform(10.0, 25.0)])
+    heart_radii = np.array([_uniform(rng, r) for r in HEART_RADII])
+    enlargement = 1.0
+    if cardiomegaly:
+        scale = np.array([_uniform(rng, s) for s in CARDIOMEGALY_SCALE])
+        heart_radii, enlargement = heart_radii * scale, float(scale[2])
+    ribs = dict(thickness=_uniform(rng, RIB_THICKNESS), height=_uniform(rng, RIB_HEIGHT),
+                period=_uniform(rng, RIB_PERIOD), descent=_uniform(rng, RIB_DESCENT),
+                phase=rng.uniform(0.0, 10.0))
+    vessels = []
+    for lung in lungs:
+        n = rng.integers(VESSELS_PER_LUNG[0], VESSELS_PER_LUNG[1] + 1)
+        hilum = np.array([lung["length"] * rng.uniform(0.35, 0.45), lung["cy"] - 0.3 * lung["ry"],
+                          lung["cx"] * 0.55])
+        for end in _points_in_lung(rng, lung, n, (0.1 * lung["length"], lung["length"]), 0.9):
+            vessels.append((hilum, end, _uniform(rng, VESSEL_RADIUS)))
+    hu = rng.uniform(TISSUE_HU[:, 0], TISSUE_HU[:, 1]).astype(np.float32)
+    return Subject(body, cavity, lungs, heart_centre, heart_radii, enlargement,
+                   (cavity[0] + 0.3 * (body[0] - cavity[0]), _uniform(rng, SPINE_RADIUS)),
+                   ribs, vessels, hu)
+
+
+def _points_in_lung(rng, lung, n, z_range, reach, batch=64, batches=8):
+    """Up to n points (m, 3) inside a lung: depth uniform over z_range, in-plane within
+    `reach` of the cross-section; vectorised rejection sampling against the domed base
+    (fewer than n only where z_range holds (almost) no lung)."""
+    points = np.zeros((0, 3))
+    for _ in range(batches):
+        z = rng.uniform(z_range[0], z_range[1], batch)
+        f = _lung_scale(lung, z) * reach * np.sqrt(rng.uniform(0.0, 1.0, batch))
+        angle = rng.uniform(0.0, 2 * np.pi, batch)
+        y = lung["cy"] + lung["ry"] * f * np.sin(angle)
+        x = lung["cx"] + lung["rx"] * f * np.cos(angle)
+        ok = _in_lung(lung, z, y, x)
+        points = np.concatenate([points, np.stack([z, y, x], 1)[ok]])[:n]
+        if len(points) == n:
+            break
+    return points
+
+
+def _ct_grid(rng, subject, shape):
+    length = subject.length
+    z0 = _uniform(rng, SCAN_TOP) * length
+    z1 = length + _uniform(rng, SCAN_BOTTOM) * length
+    fov = _uniform(rng, CT_FOV)
+    spacing = ((z1 - z0) / shape[0], fov / shape[1], fov / shape[2])
+    return _centred_grid(shape, spacing, z0)
+
+
+def _xray_grid(rng, subject, size, depth_samples):
+    fov = max(subject.length / _uniform(rng, XRAY_LUNG_FRACTION), 2.1 * subject.body[1])
+    spacing = (fov / size, 2.2 * subject.body[0] / depth_samples, fov / size)
+    return _centred_grid((size, depth_samples, size), spacing, -_uniform(rng, XRAY_TOP_MARGIN) * fov)
+
+
+def _centred_grid(shape, spacing, z_top):
+    """Grid starting at depth z_top, centred on the body in y and x."""
+    origin = (z_top + spacing[0] / 2,
+              -(shape[1] - 1) / 2 * spacing[1], -(shape[2] - 1) / 2 * spacing[2])
+    return Grid(origin, spacing, tuple(shape))
+
+
+# ------------------------------------------------------------------------------------ findings
+
+
+@dataclasses.dataclass
+class Finding:
+    """One planted lesion: ellipsoid parts (centre (3,), radii (3,)) or an effusion band."""
+    kind: int  # index into LABEL_NAMES
+    side: str  # "right" | "left" (cardiomegaly: "")
+    depth: float  # centre depth as a fraction of its lung's length (location wording)
+    parts: list = dataclasses.field(default_factory=list)
+    size_mm: float = 0.0  # nodule diameter
+    severity: str = ""  # effusion: small | moderate | large; cardiomegaly: mild | moderate
+    band: tuple = ()  # effusion: (z0, z1, thickness)
+
+
+def _choose_findings(rng, opts):
+    """Bool (5,): which findings this example has (~normal_fraction of examples have none)."""
+    present = np.zeros(len(LABEL_NAMES), bool)
+    if rng.random() >= opts.normal_fraction:
+        probs = np.asarray(opts.finding_probs, np.float64)
+        present = rng.random(len(probs)) < probs
+        if not present.any():
+            present[rng.choice(len(probs), p=probs / probs.sum())] = True
+    return present
+
+
+def _sample_findings(rng, subject, present, z_visible, margin):
+    """Findings of the present kinds, centred uniformly over the visible lung depth."""
+    lo, hi = z_visible[0] + margin, z_visible[1] - margin
+    findings = []
+
+    def place(kind, n, **extra):
+        out = []
+        for _ in range(n):
+            side = int(rng.integers(2))
+            lung = subject.lungs[side]
+            z_range = (max(lo, 0.0), min(hi, lung["length"]))
+            if z_range[1] <= z_range[0]:
+                continue
+            centre = _points_in_lung(rng, lung, 1, z_range, 0.75)
+            if not len(centre):
+                continue
+            centre = centre[0]
+            out.append(Finding(kind, ("right", "left")[side], centre[0] / lung["length"],
+                               [(centre, None)], **extra))
+        return out
+
+    if present[NODULE]:
+        for f in place(NODULE, rng.integers(NODULE_COUNT[0], NODULE_COUNT[1] + 1)):
+            d = float(np.exp(rng.uniform(*np.log(NODULE_DIAMETER))))
+            f.size_mm = d
+            f.parts = [(f.parts[0][0], d / 2 * rng.uniform(0.85, 1.15, 3))]
+            findings.append(f)
+    for kind, radius in ((CONSOLIDATION, CONSOLIDATION_RADIUS),
+                         (GROUND_GLASS, GROUND_GLASS_RADIUS)):
+        if present[kind]:
+            for f in place(kind, rng.integers(PATCH_COUNT[0], PATCH_COUNT[1] + 1)):
+                r = _uniform(rng, radius)
+                centre = f.parts[0][0]
+                offsets = rng.uniform(-0.7, 0.7, (3, 3)) * r
+                offsets[0] = 0.0
+                f.parts = [(centre + o, r * rng.uniform(0.5, 1.0, 3)) for o in offsets]
+                findings.append(f)
+    if present[EFFUSION]:
+        sides = [("right", "left")[int(rng.integers(2))]] if rng.random() < 0.7 else ["right", "left"]
+        severity = str(rng.choice(list(EFFUSION_THICKNESS)))
+        for side in sides:
+            lung = subject.lungs[("right", "left").index(side)]
+            z_range = (max(lo, 0.0), min(hi, lung["length"]))
+            if z_range[1] <= z_range[0]:
+                continue
+            zc = rng.uniform(*z_range)
+            half = _uniform(rng, EFFUSION_EXTENT) * lung["length"] / 2
+            findings.append(Finding(EFFUSION, side, zc / lung["length"], severity=severity,
+                                    band=(zc - half, zc + half,
+                                          _uniform(rng, EFFUSION_THICKNESS[severity]))))
+    if present[CARDIOMEGALY]:
+        findings.append(Finding(CARDIOMEGALY, "", 0.0,
+                                severity="mild" if subject.enlargement < 1.45 else "moderate"))
+    return findings
+
+
+# ----------------------------------------------------------------------------------- rendering
+
+
+def _ellipsoid(grid, centre, radii, min_slices):
+    """(box, local bool mask) of an ellipsoid. The depth radius is widened so the ellipsoid
+    spans >= min_slices slices, and each spanned slice holds a cross-section at least
+    VOXEL_FLOOR voxels wide, so small lesions never vanish between voxel centres."""
+    sz, sy, sx = grid.spacing
+    rz = max(radii[0], (min_slices + 1) / 2 * sz)
+    floor = VOXEL_FLOOR * max(sy, sx) / min(radii[1], radii[2])
+    reach = np.array([rz, radii[1] * max(floor, 1.0), radii[2] * max(floor, 1.0)])
+    box = grid.box(centre - reach, centre + reach)
+    z, y, x = grid.coords(box)
+    tz = ((z - centre[0]) / rz) ** 2
+    scale2 = np.where(tz < 1.0, np.maximum(1.0 - tz, floor * floor), -1.0)
+    q = ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2
+    return box, q < scale2
+
+
+def _capsule(grid, a, b, radius):
+    """(box, local bool mask) of the points within `radius` of segment a-b (a, b: (3,) mm)."""
+    radius = max(radius, VOXEL_FLOOR * max(grid.spacing[1:]))
+    box = grid.box(np.minimum(a, b) - radius, np.maximum(a, b) + radius)
+    p = grid.coords(box)
+    d = b - a
+    t = sum((p[i] - a[i]) * d[i] for i in range(3)) / float(d @ d)
+    t = np.clip(t, 0.0, 1.0)
+    return box, sum((p[i] - a[i] - t * d[i]) ** 2 for i in range(3)) < radius * radius
+
+
+def _paint(tissue, box, inside, code, where=None):
+    """tissue[box][inside & (tissue in where)] = code; returns the number of voxels painted."""
+    view = tissue[box]
+    if where is not None:
+        inside = inside & np.isin(view, where)
+    view[inside] = code
+    return int(np.count_nonzero(inside))
+
+
+def _render(subject, findings, grid, min_slices):
+    """Paints the subject into a uint8 tissue map (D, H, W); returns it, the finding mask
+    (uint8, class = finding + 1) and the findings that left at least one voxel."""
+    tissue = np.full(grid.shape, T_AIR, np.uint8)
+    z, y, x = grid.coords()
+    by, bx = subject.body
+    cy, cx = subject.cavity
+    body = (y / by) ** 2 + (x / bx) ** 2
+    tissue[:, body[0] < 1.0] = T_FAT
+    inner_wall = (by - cy) / 3  # fat takes the outer part of the wall, muscle the rest
+    tissue[:, ((y / (by - inner_wall)) ** 2 + (x / (bx - inner_wall)) ** 2)[0] < 1.0] = T_SOFT
+
+    ribs = subject.ribs
+    t = ribs["thickness"]
+    outer = (y / (cy + t)) ** 2 + (x / (cx + t)) ** 2
+    ring_y, ring_x = np.nonzero(((outer < 1.0) & ((y / cy) ** 2 + (x / cx) ** 2 >= 1.0))[0])
+    ry = y[0, ring_y, 0]
+    z_rib = z[:, 0, :] + ribs["descent"] * (ry - cy) - ribs["phase"]  # (D, ring)
+    on = (np.mod(z_rib, ribs["period"]) < ribs["height"]) & (z_rib > -ribs["period"]) & (
+        z_rib < 0.92 * subject.length)
+    tissue[:, ring_y, ring_x] = np.where(on, T_BONE, tissue[:, ring_y, ring_x])
+
+    for lung in subject.lungs:
+        reach = np.array([lung["length"], lung["ry"], lung["rx"]])
+        centre = np.array([0.0, lung["cy"], lung["cx"]])
+        box = grid.box(centre - reach * (0, 1, 1), centre + reach)
+        _paint(tissue, box, _in_lung(lung, *grid.coords(box)), T_LUNG)
+    for a, b, r in subject.vessels:
+        _paint(tissue, *_capsule(grid, a, b, r), T_VESSEL, where=(T_LUNG,))
+    _paint(tissue, *_ellipsoid(grid, subject.heart_centre, subject.heart_radii, 1), T_HEART)
+    spine_y, spine_r = subject.spine
+    tissue[:, ((y - spine_y) ** 2 + x ** 2)[0] < spine_r ** 2] = T_BONE
+
+    kept = []
+    for f in findings:
+        painted = 0
+        if f.kind == EFFUSION:
+            z0, z1, thick = f.band
+            lung = subject.lungs[("right", "left").index(f.side)]
+            box = grid.box((z0, lung["cy"] - lung["ry"], lung["cx"] - lung["rx"]),
+                           (z1, lung["cy"] + lung["ry"], lung["cx"] + lung["rx"]))
+            bz, byy, bxx = grid.coords(box)
+            level = lung["cy"] + lung["ry"] * _lung_scale(lung, bz) - thick
+            painted = _paint(tissue, box, np.broadcast_to(byy > level, tissue[box].shape),
+                             T_FLUID, where=(T_LUNG, T_VESSEL))
+        elif f.kind == CARDIOMEGALY:
+            painted = int(np.count_nonzero(tissue == T_HEART))
+        else:
+            code, where = {NODULE: (T_NODULE, None),
+                           CONSOLIDATION: (T_CONSOLIDATION, (T_LUNG, T_VESSEL)),
+                           GROUND_GLASS: (T_GROUND_GLASS, (T_LUNG,))}[f.kind]
+            for centre, radii in f.parts:
+                painted += _paint(tissue, *_ellipsoid(grid, centre, radii, min_slices), code,
+                                  where=where)
+        if painted:
+            kept.append(f)
+    finding_of = np.zeros(len(TISSUES), np.uint8)
+    for tissue_code, kind in ((T_NODULE, NODULE), (T_CONSOLIDATION, CONSOLIDATION),
+                              (T_GROUND_GLASS, GROUND_GLASS), (T_FLUID, EFFUSION)):
+        finding_of[tissue_code] = kind + 1
+    if any(f.kind == CARDIOMEGALY for f in kept):
+        finding_of[T_HEART] = CARDIOMEGALY + 1
+    return tissue, finding_of[tissue], kept
+
+
+# ------------------------------------------------------------------------------------- reports
+
+_LOBES = {"right": ((1 / 3, "upper"), (2 / 3, "middle"), (1.0, "lower")),
+          "left": ((0.5, "upper"), (1.0, "lower"))}
+_LOCATION = {
+    "ct": ("{side} {lobe} lobe", "{lobe} lobe of the {side} lung"),
+    "xray": ("{side} {zone} lung zone", "{side} {zone} zone", "{zone} {side} lung"),
+}
+_ZONES = ((1 / 3, "upper"), (2 / 3, "mid"), (1.0, "lower"))
+_POSITIVE = {
+    NODULE: ("There is a {size} mm {adj}nodule in the {loc}.",
+             "A {size}-mm {adj}pulmonary nodule is seen in the {loc}.",
+             "{Loc} {adj}nodule measuring {size} mm.",
+             "Noted is a {adj}nodule in the {loc}, measuring {size} mm."),
+    CONSOLIDATION: ("There is consolidation in the {loc}.",
+                    "Focal consolidation is present in the {loc}.",
+                    "Airspace consolidation involving the {loc}.",
+                    "{Loc} consolidation, which may represent pneumonia."),
+    GROUND_GLASS: ("There are ground-glass opacities in the {loc}.",
+                   "Patchy ground-glass opacity in the {loc}.",
+                   "Hazy ground glass attenuation is seen in the {loc}.",
+                   "{Loc} ground-glass opacification."),
+    EFFUSION: ("There is a {severity} {side} pleural {effusion}.",
+               "{Severity} {side} pleural {effusion}.",
+               "A {severity} {side} pleural {effusion} is present.",
+               "{Side} pleural {effusion}, {severity} in size."),
+    CARDIOMEGALY: ("The heart is enlarged.", "{Severity} cardiomegaly.",
+                   "The cardiac silhouette is {severity}ly enlarged.", "Cardiomegaly."),
+}
+_MANY_NODULES = ("Multiple pulmonary nodules, the largest measuring {size} mm in the {loc}.",
+                 "There are {n} nodules, the largest in the {loc} measuring {size} mm.")
+_NODULE_ADJ = ("", "solid ", "noncalcified ", "well-circumscribed ", "round ")
+_NEGATIVE = {
+    NODULE: ("No pulmonary nodules.", "No suspicious pulmonary nodule is seen.",
+             "There is no nodule or mass."),
+    CONSOLIDATION: ("No focal consolidation.", "There is no consolidation.",
+                    "No airspace consolidation is seen."),
+    GROUND_GLASS: ("No ground-glass opacity.", "There are no ground-glass opacities."),
+    EFFUSION: ("No pleural effusion.", "There is no pleural effusion.",
+               "No pleural effusion is seen."),
+    CARDIOMEGALY: ("Heart size is normal.", "The cardiac silhouette is within normal limits.",
+                   "Normal heart size."),
+}
+_ALWAYS = ("No pneumothorax.", "The mediastinal contours are unremarkable.",
+           "The osseous structures are intact.", "The trachea is midline.",
+           "The central airways are patent.")
+_CLEAR = ("The lungs are clear.", "No acute cardiopulmonary abnormality.",
+          "No acute intrathoracic process.")
+NEGATION_PROBABILITY = 0.7  # an absent finding is stated as absent this often
+MIN_SENTENCES = 3  # MGCA report cleaning keeps reports with >= 3 sentences
+
+
+def _bin(value, bins):
+    return next(name for edge, name in bins if value <= edge)
+
+
+def _location(template, f):
+    return template.format(side=f.side, lobe=_bin(f.depth, _LOBES[f.side]),
+                           zone=_bin(f.depth, _ZONES))
+
+
+def _capitalised(text):
+    return text[:1].upper() + text[1:]
+
+
+def _fill(rng, templates, **fields):
+    fields.update({_capitalised(k): _capitalised(str(v)) for k, v in fields.items()})
+    return str(rng.choice(templates)).format(**fields)
+
+
+def _positive(rng, kind, group, modality):
+    """One sentence stating the findings of one kind (group: kept findings of that kind)."""
+    where = str(rng.choice(_LOCATION[modality]))
+    if kind == NODULE:
+        big = max(group, key=lambda f: f.size_mm)
+        fields = dict(size=max(int(round(big.size_mm)), 1), loc=_location(where, big))
+        if len(group) > 1:
+            return _fill(rng, _MANY_NODULES, n=len(group), **fields)
+        return _fill(rng, _POSITIVE[NODULE], adj=str(rng.choice(_NODULE_ADJ)), **fields)
+    if kind == EFFUSION:
+        sides = sorted({f.side for f in group})
+        side, effusion = (sides[0], "effusion") if len(sides) == 1 else ("bilateral", "effusions")
+        severity = max((f.severity for f in group), key=list(EFFUSION_THICKNESS).index)
+        return _fill(rng, _POSITIVE[EFFUSION], side=side, severity=severity, effusion=effusion)
+    if kind == CARDIOMEGALY:
+        return _fill(rng, _POSITIVE[CARDIOMEGALY], severity=group[0].severity)
+    locations = list(dict.fromkeys(_location(where, f) for f in group))
+    return _fill(rng, _POSITIVE[kind], loc=" and the ".join(locations))
+
+
+def make_report(rng, findings, modality):
+    """Report text: the findings, negations of some absent ones, and normal statements."""
+    positives = [_positive(rng, kind, [f for f in findings if f.kind == kind], modality)
+                 for kind in range(len(LABEL_NAMES)) if any(f.kind == kind for f in findings)]
+    rng.shuffle(positives)
+    absent = [k for k in range(len(LABEL_NAMES)) if not any(f.kind == k for f in findings)]
+    negatives = [str(rng.choice(_NEGATIVE[k])) for k in absent
+                 if rng.random() < NEGATION_PROBABILITY]
+    normal = list(_ALWAYS) + (list(_CLEAR) if not findings else [])
+    rng.shuffle(normal)
+    fill = max(MIN_SENTENCES - len(positives) - len(negatives), int(rng.integers(1, 3)))
+    return " ".join(positives + negatives + normal[:fill])
+
+
+# ------------------------------------------------------------------------------------ examples
+
+
+@dataclasses.dataclass
+class CTCase:
+    """A rendered CT example with its ground truth (noise-free HU and tissue map included)."""
+    volume: np.ndarray  # int16 (D, H, W) HU with noise
+    hu: np.ndarray  # float32 (D, H, W) noise-free HU
+    tissue: np.ndarray  # uint8 (D, H, W) codes into TISSUES
+    mask: np.ndarray  # uint8 (D, H, W) finding class (label index + 1)
+    findings: list
+    grid: Grid
+
+
+def _labels(mask):
+    present = np.bincount(mask.ravel(), minlength=len(LABEL_NAMES) + 1)[1:] > 0
+    return present.astype(np.float32)
+
+
+def ct_case(seed: int, index: int, opts: PhantomOptions) -> CTCase:
+    """Renders CT example `index` of stream `seed` with its ground truth."""
+    rng = _rng(seed, index, _CT)
+    present = _choose_findings(rng, opts)
+    subject = _sample_subject(rng, present[CARDIOMEGALY])
+    grid = _ct_grid(rng, subject, opts.volume_size)
+    z_visible = (grid.origin[0], grid.origin[0] + grid.spacing[0] * (grid.shape[0] - 1))
+    margin = (opts.min_finding_slices / 2 + 0.5) * grid.spacing[0]
+    findings = _sample_findings(rng, subject, present, z_visible, margin)
+    tissue, mask, findings = _render(subject, findings, grid, opts.min_finding_slices)
+    hu = subject.hu[tissue]
+    noise = _rng(seed, index, _CT_NOISE).standard_normal(hu.shape, dtype=np.float32)
+    volume = np.clip(np.rint(hu + opts.ct_noise_hu * noise), HU_MIN, HU_MAX).astype(np.int16)
+    return CTCase(volume, hu, tissue, mask, findings, grid)
+
+
+def generate_ct(seed: int, index: int, opts: PhantomOptions) -> dict:
+    """CT record (docs/CONTRACTS.md): id, report, labels float32 (5,), volume int16 (D, H, W),
+    mask uint8 (D, H, W), slice_has_finding uint8 (D,)."""
+    case = ct_case(seed, index, opts)
+    return {
+        "id": f"phantom-ct-{seed}-{index}",
+        "report": make_report(_rng(seed, index, _REPORT), case.findings, "ct"),
+        "labels": _labels(case.mask),
+        "volume": case.volume,
+        "mask": case.mask,
+        "slice_has_finding": case.mask.any(axis=(1, 2)).astype(np.uint8),
+    }
+
+
+def _nearest(image, size):
+    """Nearest-neighbour resize of a 2D array to (size, size), half-pixel centres."""
+    rows = ((np.arange(size) + 0.5) * image.shape[0] / size).astype(np.int64)
+    cols = ((np.arange(size) + 0.5) * image.shape[1] / size).astype(np.int64)
+    return image[rows[:, None], cols[None, :]]
+
+
+def _radiograph(mu, ray_spacing, rng, opts):
+    """uint8 (S, S) radiograph of an attenuation volume (D, H, W) seen along H: -log of the
+    DRR transmission (bright = dense), windowed to [0, XRAY_WINDOW], resized, noised."""
+    transmission = drr_lib.drr(mu, axis=1, spacing=ray_spacing, xp=np)
+    shown = -np.log(transmission) / XRAY_WINDOW
+    size = (opts.image_size, opts.image_size)
+    shown = drr_lib.resize_linear(shown.astype(np.float32), size, xp=np)
+    shown = shown + opts.xray_noise * rng.standard_normal(size, dtype=np.float32)
+    return np.rint(np.clip(shown, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def generate_xray(seed: int, index: int, opts: PhantomOptions) -> dict:
+    """X-ray record (docs/CONTRACTS.md): id, report, labels float32 (5,), image uint8 (S, S),
+    mask uint8 (S, S) = max of the 3D finding mask along each ray.
+
+    By default the radiograph is the DRR of a separately drawn subject rendered on a film-like
+    field (whole lungs, square, `xray_render_size` voxels wide, upsampled). With
+    `pair_drr_with_ct` it is the DRR of CT example `index` of the same stream (same subject,
+    findings and report), resampled from (D, W) to (S, S).
+    """
+    noise_rng = _rng(seed, index, _XRAY_NOISE)
+    if opts.pair_drr_with_ct:
+        case = ct_case(seed, index, opts)
+        mu = drr_lib.hu_to_mu(case.volume.astype(np.float32), xp=np)
+        mask3d, findings, grid, modality = case.mask, case.findings, case.grid, "ct"
+        name = "drr"
+    else:
+        rng = _rng(seed, index, _XRAY)
+        present = _choose_findings(rng, opts)
+        subject = _sample_subject(rng, present[CARDIOMEGALY])
+        grid = _xray_grid(rng, subject, opts.xray_render_size, opts.xray_depth_samples)
+        findings = _sample_findings(rng, subject, present, (0.0, subject.length), 0.0)
+        tissue, mask3d, findings = _render(subject, findings, grid, 1)
+        mu = drr_lib.hu_to_mu(subject.hu, xp=np)[tissue]
+        modality, name = "xray", "xray"
+    return {
+        "id": f"phantom-{name}-{seed}-{index}",
+        "report": make_report(_rng(seed, index, _REPORT), findings, modality),
+        "labels": _labels(mask3d),
+        "image": _radiograph(mu, grid.spacing[1], noise_rng, opts),
+        "mask": _nearest(mask3d.max(axis=1), opts.image_size),
+    }

@@ -1,0 +1,57 @@
+"""Projection heads for the CLIP space and the DINO head for self-distillation (DESIGN §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# DINO initialises the MLP with trunc_normal(std=0.02) and zero biases.
+DINO_INIT_STD = 0.02
+# torch.nn.Linear's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), used by DINO's last layer.
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# torch.nn.functional.normalize epsilon.
+L2_EPS = 1e-12
+
+
+class Projection(nn.Module):
+    """Linear map without bias to the shared image-text space (CLIP): (..., D) -> (..., dim)."""
+
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="proj")(x)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head, shared by CLS and patch tokens: (..., D) -> (..., out_dim).
+
+    MLP D -> hidden -> hidden -> bottleneck with GELU, L2 normalisation, then a weight-normalised
+    linear layer without bias: column j of `last_layer/kernel` (bottleneck, out_dim) is used as
+    the unit direction v_j/||v_j||, times the gain g_j. With `norm_last_layer` the gain is fixed
+    at 1 (no parameter); otherwise `last_layer/scale` (out_dim,) learns, initialised at 1.
+    """
+
+    out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = dict(kernel_init=nn.initializers.truncated_normal(DINO_INIT_STD),
+                    bias_init=nn.initializers.zeros, dtype=self.dtype)
+        x = nn.gelu(nn.Dense(self.hidden_dim, name="mlp_0", **init)(x), approximate=False)
+        x = nn.gelu(nn.Dense(self.hidden_dim, name="mlp_1", **init)(x), approximate=False)
+        x = nn.Dense(self.bottleneck_dim, name="mlp_2", **init)(x).astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_EPS)
+        with nn.scope := None if False else None:  # placeholder removed below
+            pass
+        return x

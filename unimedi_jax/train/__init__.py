@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, checkpoints, metric writing, the trainer loop."""

@@ -1,0 +1,251 @@
+"""The pretraining job: data, sharded state, one jitted step, checkpoints, metrics, evaluation.
+
+`train_and_evaluate(config, workdir)` is what `python -m unimedi_jax.main
+--config=configs/pretrain.py --workdir=DIR` runs. Starting it again on the same workdir resumes
+from the latest checkpoint (state, RNG, data iterator), so a killed run ends where an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from unimedi_jax.train import checkpoint as ckpt_lib
+from unimedi_jax.train import sharding as shd
+from unimedi_jax.train import validation
+from unimedi_jax.train import writers
+
+EVAL_SUMMARY = "eval_summary.json"
+EVAL_INIT = "eval_init.json"
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when the loss or the gradients stop being finite (config.on_nonfinite="stop")."""
+
+
+class Prefetcher:
+    """Reads batches on a thread and places them on the mesh, `size` steps ahead.
+
+    Each item is (device batch, iterator state after that batch), so a checkpoint stores the
+    state of exactly the batches the step consumed.
+    """
+
+    def __init__(self, iterator: Any, place: Callable[[Any], Any], size: int = 2):
+        self._iterator, self._place = iterator, place
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                batch = next(self._iterator)
+                item = (self._place(batch), self._iterator.get_state())
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:  # surfaced in the training thread
+            self._queue.put(e)
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+
+
+class _Preemption:
+    """SIGTERM -> finish the current step, save a checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _scalars(metrics: dict) -> dict:
+    """The scalar entries of a metrics dict (vectors such as slice indices are dropped)."""
+    return {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+def _check_finite(step: int, metrics: dict, on_nonfinite: str) -> None:
+    if bool(metrics.get("finite", True)):
+        return
+    terms = ", ".join(f"{k}={float(v):.6g}" for k, v in _scalars(metrics).items()
+                      if k.startswith("loss") or k.endswith("norm"))
+    message = f"Non-finite loss or gradient at step {step}: {terms}"
+    if on_nonfinite == "stop":
+        raise NonFiniteError(message + " (set config.on_nonfinite='skip' to skip such updates)")
+    logging.warning("%s: update skipped", message)
+
+
+def _progress(total: int, initial: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) and evaluates; returns the final evaluation summary."""
+    from unimedi_jax.eval import pretrain_eval
+    from unimedi_jax.objective import step as step_lib
+    from unimedi_jax.data import pipeline
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    validation.validate_pretrain_config(config)
+    mesh = shd.make_mesh(config.mesh)
+    validation.check_batch_divisible(config, shd.data_parallel_size(mesh))
+    ckpt_lib.save_config(config, workdir) if jax.process_index() == 0 else None
+
+    data = pipeline.make_pretrain_data(config)          # builds the phantom when missing
+    setup = step_lib.make_setup(config)                 # model, optimizer, init, step fn
+    rng = jax.random.key(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+
+    abstract = jax.eval_shape(setup.init, init_rng, data.sample_batch)
+    state_sharding = shd.state_shardings(mesh, abstract)
+    batch_sharding = shd.batch_sharding(mesh)
+    repl = shd.replicated(mesh)
+
+    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    start = checkpointer.latest_step()
+    train_iter = data.train_iterator()
+    if start is None:
+        state = jax.jit(setup.init, out_shardings=state_sharding)(init_rng, data.sample_batch)
+        start = 0
+    else:
+        logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
+        abstract_sharded = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+            state_sharding)
+        state, data_state, _ = checkpointer.restore(start, abstract_sharded)
+        train_iter.set_state(data_state)
+
+    update = jax.jit(setup.train_step, in_shardings=(state_sharding, batch_sharding, repl),
+                     out_shardings=(state_sharding, repl), donate_argnums=(0,))
+    writer = writers.Writer(workdir, resume_step=start)
+    evaluate = lambda s: pretrain_eval.evaluate(_host(s["params"]), config, data)
+
+    summary_init = _initial_eval(workdir, start, state, evaluate, writer)
+    prefetch = Prefetcher(train_iter, lambda b: shd.put_batch(b, mesh), config.data.prefetch)
+    preemption = _Preemption()
+    progress = _progress(config.total_steps, start)
+    t0, steps_timed, compile_s = time.time(), 0, None
+    previous = None  # (step, metrics) of the previous step, checked one step late: no stall
+    step = start
+    try:
+        while step < config.total_steps and not preemption.requested:
+            batch, data_state = next(prefetch)
+            tick = time.time()
+            state, metrics = update(state, batch, jax.random.fold_in(train_rng, step))
+            step += 1
+            if compile_s is None:
+                jax.block_until_ready(metrics)
+                compile_s = time.time() - tick
+                t0, steps_timed = time.time(), 0
+            steps_timed += 1
+            if previous is not None:
+                _check_finite(previous[0], _host(previous[1]), config.on_nonfinite)
+            previous = (step, metrics)
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                host = _host(metrics)
+                _check_finite(step, host, config.on_nonfinite)
+                rate = steps_timed / max(time.time() - t0, 1e-9)
+                writer.write_scalars(step, {**_scalars(host), "steps_per_s": rate,
+                                            "compile_s": compile_s})
+                progress.set_postfix(loss=f"{float(host['loss']):.4f}", refresh=False)
+            progress.update(1)
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+                _check_finite(step, _host(metrics), config.on_nonfinite)
+                checkpointer.save(step, state, data_state, {"compile_s": compile_s})
+            if config.eval_every_steps and step % config.eval_every_steps == 0 \
+                    and step < config.total_steps:
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluate(state).items()})
+        if preemption.requested and step < config.total_steps:
+            _check_finite(step, _host(metrics), config.on_nonfinite)
+            checkpointer.save(step, state, data_state, {"compile_s": compile_s})
+            checkpointer.wait()
+            logging.warning("Stopped at step %d after SIGTERM; rerun the command to resume", step)
+            return {}
+    finally:
+        progress.close()
+        prefetch.close()
+        preemption.restore()
+        checkpointer.wait()
+        writer.flush()
+
+    summary = {}
+    if config.eval_at_end:
+        summary = evaluate(state)
+        summary.update({f"{k}_init": v for k, v in summary_init.items()
+                        if k in ("slice_precision", "retrieval_r1", "retrieval_r1_findings")})
+        summary["final_step"] = step
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
+        if jax.process_index() == 0:
+            _write_json(os.path.join(workdir, EVAL_SUMMARY), summary)
+            print(format_summary(summary))
+    writer.close()
+    checkpointer.close()
+    return summary
+
+
+def _initial_eval(workdir, start, state, evaluate, writer) -> dict:
+    """Evaluates the model before training (kept on disk so a resumed run still has it)."""
+    path = os.path.join(workdir, EVAL_INIT)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if start != 0:
+        return {}
+    summary = evaluate(state)
+    writer.write_scalars(0, {f"eval/{k}": v for k, v in summary.items()})
+    if jax.process_index() == 0:
+        _write_json(path, summary)
+    return summary
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump({k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
+                   for k, v in obj.items()}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def format_summary(summary: dict) -> str:
+    """A short table of the evaluation summary."""
+    width = max(len(k) for k in summary)
+    rows = [f"{k:<{width}}  {float(v):.4f}" for k, v in summary.items() if np.ndim(v) == 0]
+    line = "-" * (width + 10)
+    return "\n".join([line, "evaluation", line, *rows, line])

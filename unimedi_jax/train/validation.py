@@ -1,0 +1,74 @@
+"""Config checks that run before anything compiles, each naming the config key to fix."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+CHOICES = {
+    "objective.selection.mode": ("attentive", "random", "none"),
+    "objective.selection.slice_mode": ("center", "mean"),
+    "objective.masking.mode": ("attentive", "random"),
+    "objective.masking.style": ("drop", "mask_token"),
+    "on_nonfinite": ("stop", "skip"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for values that would fail later (or silently do the wrong thing)."""
+    for key, allowed in CHOICES.items():
+        if _get(config, key) not in allowed:
+            raise ConfigError(f"config.{key}={_get(config, key)!r}; choose one of {allowed}")
+    vit = config.model.vit
+    p2, p3 = vit.patch_size, tuple(vit.patch_size_3d)
+    if vit.image_size % p2:
+        raise ConfigError(f"config.model.vit.image_size={vit.image_size} is not divisible by "
+                          f"config.model.vit.patch_size={p2}")
+    crop = config.data.xray.crop_size
+    if crop % p2:
+        raise ConfigError(f"config.data.xray.crop_size={crop} is not divisible by "
+                          f"config.model.vit.patch_size={p2}")
+    for name, size in (("model.vit.volume_size", vit.volume_size),
+                       ("data.ct.crop_size", config.data.ct.crop_size)):
+        if len(size) != 3 or any(s % p for s, p in zip(size, p3)):
+            raise ConfigError(f"config.{name}={tuple(size)} is not divisible by "
+                              f"config.model.vit.patch_size_3d={p3}")
+        if size[1] % p2 or size[2] % p2:
+            raise ConfigError(f"config.{name}={tuple(size)}: CT slices of {size[1:]} are not "
+                              f"divisible by the 2D patch size {p2}")
+    depth_tokens = vit.volume_size[0] // p3[0]
+    k = config.objective.selection.k
+    if config.objective.selection.mode != "none" and not 0 < k <= depth_tokens:
+        raise ConfigError(f"config.objective.selection.k={k} must be in 1..{depth_tokens} "
+                          f"(the depth of the 3D token grid)")
+    if not 0.0 < config.objective.masking.keep_ratio <= 1.0:
+        raise ConfigError(f"config.objective.masking.keep_ratio="
+                          f"{config.objective.masking.keep_ratio} must be in (0, 1]")
+    ckpt = config.model.text.checkpoint
+    if ckpt and not os.path.isdir(os.path.expanduser(ckpt)):
+        raise ConfigError(f"config.model.text.checkpoint={ckpt!r} is not a folder; it must hold "
+                          "a Hugging Face BERT checkpoint (config.json, model.safetensors or "
+                          "pytorch_model.bin, tokenizer files)")
+    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+        if config[key] <= 0:
+            raise ConfigError(f"config.{key}={config[key]} must be positive")
+
+
+def check_batch_divisible(config: ml_collections.ConfigDict, data_parallel: int) -> None:
+    """Each sub-batch splits evenly over the data-parallel devices."""
+    for key in ("batch_size_xray", "batch_size_ct"):
+        size = config.data[key]
+        if size % data_parallel:
+            raise ConfigError(f"config.data.{key}={size} is not divisible by the "
+                              f"data-parallel size {data_parallel} (config.mesh={config.mesh})")
