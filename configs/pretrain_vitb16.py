@@ -24,6 +24,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.vit.remat = True                       # fits batch 144 on 80 GB with room
     config.model.text.checkpoint = ""                   # set to a local Bio_ClinicalBERT folder
     config.model.text.num_layers = 6                    # MGCA: first 6 of 12 layers
+    config.model.text.trainable_layers = -1             # MGCA: freeze_bert=False, all of it trains
+    config.model.text.dtype = "bfloat16"                # compute dtype on accelerators
     config.model.proj_dim = 256                         # MGCA: 128; A-CLIP/CLIP ViT-B: 512; DESIGN: 256
     config.model.dino.update(hidden_dim=2048, bottleneck_dim=256, out_dim=8192)  # DESIGN §4.5
 

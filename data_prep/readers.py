@@ -1,8 +1,10 @@
 """Readers for medical image files and the resizing used before storage.
 
 Volumes come back as int16 HU arrays in the axis order of docs/CONTRACTS.md,
-(D, H, W) = (superior->inferior, anterior->posterior, left->right), whatever the orientation
-stored in the file; X-rays come back as uint8 (H, W) in display orientation.
+(D, H, W) = (superior->inferior, anterior->posterior, patient's right->left), whatever the
+orientation stored in the file: an axial slice looks as on a radiology viewer and a coronal
+projection as on a radiograph (the patient's right on the viewer's left), like the phantom's
+volumes. X-rays come back as uint8 (H, W) in display orientation.
 
 Supported inputs:
 - volumes: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mhd + raw/zraw, .mha),
@@ -81,7 +83,7 @@ def _to_contract_axes(data: np.ndarray, affine: np.ndarray, path: Path):
     data = _checked_array(data, path, ndim=3, what="3D volume")
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     ras = np.asarray(canonical.dataobj)  # axes point to Right, Anterior, Superior
-    dhw = ras.transpose(2, 1, 0)[::-1, ::-1, :]  # (S->I, A->P, L->R)
+    dhw = ras.transpose(2, 1, 0)[::-1, ::-1, ::-1]  # (S->I, A->P, R->L)
     spacing = nib.affines.voxel_sizes(canonical.affine)[::-1]
     hu = np.clip(np.rint(dhw), _INT16.min, _INT16.max).astype(np.int16)
     return hu, tuple(float(s) for s in spacing)
@@ -135,10 +137,10 @@ def _load_nrrd(path: Path):
         signs = np.array([_SPACE_SIGN[n] for n in names], dtype=np.float64)
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
     else:  # no geometry: axes taken as R, A, S with the given spacings
-        directions = np.diag(np.asarray(header.get("spacings", np.ones(data.ndim)), np.float64))
-        signs, origin = np.ones(3), np.zeros(3)
         if data.ndim != 3:
             raise ValueError(f"{path}: expected a 3D volume, got an array of shape {data.shape}")
+        directions = np.diag(np.asarray(header.get("spacings", np.ones(3)), np.float64))
+        signs, origin = np.ones(3), np.zeros(3)
     affine = np.eye(4)
     affine[:3, :3] = signs[:, None] * directions.T
     affine[:3, 3] = signs * origin
@@ -274,7 +276,8 @@ def _dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
                          "syntaxes need pylibjpeg or GDCM") from e
     if pixels.ndim != 2:
         raise ValueError(f"{path}: expected single-channel pixels, got shape {pixels.shape}")
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
     return pixels.astype(np.float32) * slope + intercept
 
 
@@ -284,16 +287,16 @@ def _read_slice_images(folder: Path, files: list[Path],
 
     The images carry no geometry: slices are taken cranio-caudal in the order of the number in
     their file names, each in radiological display orientation (anterior up, the patient's right
-    on the image's left), so columns are mirrored to run left->right.
+    on the image's left), which is already the contract's (H, W) order.
     """
     def number(p: Path):
         digits = re.findall(r"\d+", p.stem)
         return (int(digits[-1]) if digits else -1, p.name)
     slices = [_read_pillow(f) for f in sorted(files, key=number)]
-    if len({s.shape for s in slices}) > 1:
-        raise ValueError(f"{folder}: slice images differ in size: {sorted({s.shape for s in slices})}")
+    shapes = sorted({s.shape for s in slices})
+    if len(shapes) > 1:
+        raise ValueError(f"{folder}: slice images differ in size: {shapes}")
     stack = _checked_array(np.stack(slices), folder, ndim=3, what="3D stack of slice images")
-    stack = stack[:, :, ::-1]
     lo, hi = hu_window
     return np.rint(lo + stack * ((hi - lo) / 255.0)).astype(np.int16)
 
@@ -358,23 +361,23 @@ def resize(array: np.ndarray, size, *, order: int = 1, anti_aliasing: bool = Tru
 
     order 1: separable linear interpolation, edges clamped; with `anti_aliasing`, axes that
     shrink are first smoothed by a Gaussian of sigma (in/out - 1) / 2 input pixels
-    (scikit-image's rule). order 0: nearest neighbour (for label maps).
+    (scikit-image's rule). order 0: nearest neighbour (for label maps). Axes are done one at a
+    time, the most shrinking first, which gives the same result as smoothing all axes first.
     """
     array = np.asarray(array, np.float32)
     size = tuple(int(s) for s in size)
     if len(size) != array.ndim or min(size) < 1:
         raise ValueError(f"resize: size {size} does not fit an array of shape {array.shape}")
-    if order == 1 and anti_aliasing:
-        sigma = [max(0.0, (n / s - 1) / 2) for n, s in zip(array.shape, size)]
-        if any(sigma):
-            array = ndimage.gaussian_filter(array, sigma, mode="nearest")
-    elif order not in (0, 1):
+    if order not in (0, 1):
         raise ValueError(f"resize: order must be 0 or 1, got {order}")
-    for axis, (n, s) in enumerate(zip(array.shape, size)):
+    for axis in sorted(range(array.ndim), key=lambda a: size[a] / array.shape[a]):
+        n, s = array.shape[axis], size[axis]
         coords = np.clip((np.arange(s) + 0.5) * (n / s) - 0.5, 0, n - 1)
         if order == 0:
             array = np.take(array, np.minimum(np.floor(coords + 0.5), n - 1).astype(int), axis)
             continue
+        if anti_aliasing and n > s:
+            array = ndimage.gaussian_filter1d(array, (n / s - 1) / 2, axis=axis, mode="nearest")
         low = np.floor(coords).astype(int)
         high = np.minimum(low + 1, n - 1)
         weight = (coords - low).astype(np.float32).reshape([-1] + [1] * (array.ndim - axis - 1))

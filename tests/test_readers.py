@@ -29,11 +29,11 @@ def anatomy(shape_xyz=(6, 5, 4), seed=0):
 
 
 def expected_dhw(data_ras):
-    """Contract order (S->I, A->P, L->R) written with plain indexing: dhw[d, h, w]."""
+    """Contract order (S->I, A->P, R->L) written with plain indexing: dhw[d, h, w]."""
     nx, ny, nz = data_ras.shape
     out = np.empty((nz, ny, nx), data_ras.dtype)
     for d, h, w in itertools.product(range(nz), range(ny), range(nx)):
-        out[d, h, w] = data_ras[w, ny - 1 - h, nz - 1 - d]
+        out[d, h, w] = data_ras[nx - 1 - w, ny - 1 - h, nz - 1 - d]
     return out
 
 
@@ -264,7 +264,7 @@ def test_slice_image_folder(tmp_path):
     hu, spacing = readers.read_volume(folder)
     lo, hi = readers.DEFAULT_SLICE_IMAGE_HU_WINDOW
     order = [2, 0, 1]  # numbers 1, 2, 10
-    want = np.rint(lo + slices[order].astype(np.float64) * (hi - lo) / 255)[:, :, ::-1]
+    want = np.rint(lo + slices[order].astype(np.float64) * (hi - lo) / 255)
     np.testing.assert_array_equal(hu, want.astype(np.int16))
     assert spacing == (1.0, 1.0, 1.0)
 
@@ -366,6 +366,16 @@ def test_resize_matches_reference(shape, size, order):
     got = readers.resize(array, size, order=order, anti_aliasing=False)
     assert got.shape == size and got.dtype == np.float32
     np.testing.assert_allclose(got, reference_resize(array, size, order), rtol=1e-5, atol=1e-4)
+
+
+def test_resize_anti_aliasing_matches_smooth_then_interpolate():
+    """Reference: Gaussian smoothing of all axes at once (float64), then plain interpolation."""
+    from scipy import ndimage
+    array = np.random.default_rng(1).normal(size=(12, 9, 20)) * 100
+    size = (5, 9, 4)  # shrink, keep, shrink
+    sigma = [max(0.0, (n / s - 1) / 2) for n, s in zip(array.shape, size)]
+    want = reference_resize(ndimage.gaussian_filter(array, sigma, mode="nearest"), size, 1)
+    np.testing.assert_allclose(readers.resize(array, size), want, rtol=1e-4, atol=1e-3)
 
 
 def test_resize_anti_aliasing_removes_checkerboard():

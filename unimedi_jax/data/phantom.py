@@ -43,45 +43,65 @@ TISSUE_HU = np.array([
     (20, 60), (-50, 40), (-700, -500), (0, 20)], np.float32)
 HU_MIN, HU_MAX = -1024, 3071  # 12-bit CT range stored as int16
 
-# Anatomy (mm), adult chest CT norms; each (lo, hi) is a uniform draw per subject.
+# Anatomy of an adult chest (mm unless a fraction; CT anatomy norms). Each (lo, hi) is a
+# uniform draw per subject.
 BODY_HALF_WIDTH = (140.0, 175.0)
 BODY_HALF_DEPTH = (95.0, 125.0)
-FAT_THICKNESS = (8.0, 25.0)
-CHEST_WALL = (12.0, 22.0)  # muscle and ribs between fat and pleura
+FAT_THICKNESS = (8.0, 25.0)  # subcutaneous fat
+CHEST_WALL = (12.0, 22.0)  # muscle and ribs between the fat and the pleura
+LUNG_HALF_WIDTH = (0.38, 0.44)  # fraction of the pleural cavity's half width
+LUNG_HALF_DEPTH = (0.8, 0.9)  # fraction of the pleural cavity's half depth
+PLEURAL_GAP = 3.0  # between a lung and the cavity wall
+LUNG_LENGTH = (220.0, 290.0)  # apex to the lowest point of the base
+APEX_TAPER = 0.35  # fraction of lung length over which the cross-section reaches full size
+DOME_HEIGHT = (15.0, 35.0)  # diaphragm dome above the costophrenic recesses
+RIGHT_DOME_EXTRA = (5.0, 20.0)  # the right hemidiaphragm sits higher (liver)
 RIB_THICKNESS = (6.0, 9.0)  # radial
 RIB_HEIGHT = (8.0, 11.0)  # cranio-caudal
 RIB_PERIOD = (21.0, 26.0)  # 12 ribs over the thorax
 RIB_DESCENT = (0.3, 0.5)  # caudal drop of a rib per mm it runs anteriorly
-LUNG_LENGTH = (220.0, 290.0)  # apex to base of the diaphragm's dome
-APEX_TAPER = 0.35  # fraction of lung length over which the cross-section reaches full size
-DOME_HEIGHT = (15.0, 35.0)
-RIGHT_DOME_EXTRA = (5.0, 20.0)  # the right hemidiaphragm sits higher (liver)
+RIB_EXTENT = 0.92  # the rib cage ends at this fraction of lung length (posteriorly)
+SPINE_RADIUS = (16.0, 22.0)  # vertebral body
+SPINE_DEPTH = 0.3  # spine centre behind the cavity, fraction of the posterior wall
 HEART_RADII = ((45.0, 60.0), (38.0, 50.0), (45.0, 58.0))  # (z, y, x)
-HEART_DEPTH = (0.5, 0.75)  # heart centre as a fraction of lung length
+HEART_DEPTH = (0.45, 0.8)  # heart centre, fraction of lung length
+HEART_FORWARD = (0.2, 0.35)  # heart centre in front of the midplane, fraction of cavity depth
+HEART_LEFT = (10.0, 25.0)  # heart centre to the patient's left of the midline
 CARDIOMEGALY_SCALE = ((1.05, 1.2), (1.1, 1.25), (1.3, 1.6))  # (z, y, x) enlargement
-SPINE_RADIUS = (16.0, 22.0)
+MODERATE_CARDIOMEGALY = 1.45  # lateral enlargement from which it is called moderate
 VESSELS_PER_LUNG = (6, 10)
 VESSEL_RADIUS = (1.5, 3.0)
+HILUM = ((0.35, 0.45), -0.3, 0.55)  # vessel origin: depth (fraction of lung length), y
+# (fraction of lung half depth from its centre), x (fraction of the lung centre's offset)
+VESSEL_REACH = 0.9  # vessel ends lie within this fraction of the lung cross-section
+VESSEL_TOP = 0.1  # and below this fraction of lung length
 
-# Findings (mm).
-NODULE_DIAMETER = (4.0, 30.0)  # log-uniform; Fleischner: nodules are < 30 mm
+# Findings.
+NODULE_DIAMETER = (4.0, 30.0)  # mm, log-uniform; Fleischner glossary: nodules are < 30 mm
 NODULE_COUNT = (1, 3)
+NODULE_ELONGATION = (0.85, 1.15)  # per-axis radius factor
 CONSOLIDATION_RADIUS = (12.0, 30.0)
 GROUND_GLASS_RADIUS = (15.0, 35.0)
 PATCH_COUNT = (1, 2)  # consolidation / ground-glass patches per subject
+PATCH_SPREAD = 0.7  # a patch is 3 ellipsoids offset by up to this many radii
+PATCH_PART_RADIUS = (0.5, 1.0)  # their radii, in patch radii
 EFFUSION_THICKNESS = {"small": (10.0, 20.0), "moderate": (25.0, 40.0), "large": (45.0, 65.0)}
-EFFUSION_EXTENT = (0.25, 0.6)  # cranio-caudal extent, fraction of lung length
+EFFUSION_EXTENT = (0.2, 0.45)  # cranio-caudal extent, fraction of lung length
+BILATERAL_EFFUSION = 0.3  # share of effusions on both sides
+FINDING_REACH = 0.85  # finding centres lie within this fraction of the lung cross-section
+VOXEL_FLOOR = 0.75  # lesion cross-sections are at least this many in-plane voxels wide
 
-# CT scan range: offset of the first / last slice from the apex / lung base, in lung lengths
-# (negative: the scan cuts into the lung).
-SCAN_TOP = (-0.25, 0.2)
-SCAN_BOTTOM = (-0.2, 0.25)
+# CT scan range, in lung lengths from the apex: its extent, and the span it lies in (drawn
+# uniformly), so the lungs fill a varying part of the volume and may be cut at either end.
+SCAN_EXTENT = (0.55, 1.05)
+SCAN_SPAN = (-0.05, 1.0)
 CT_FOV = (360.0, 440.0)  # reconstruction field of view, mm
-# X-ray: the lungs take this fraction of the film height; margins around them.
+# X-ray: a square field with the lungs taking this fraction of its height.
 XRAY_LUNG_FRACTION = (0.62, 0.72)
 XRAY_TOP_MARGIN = (0.1, 0.18)  # space above the apex, fraction of the field
+XRAY_BODY_MARGIN = 1.05  # the field is at least this many body widths wide
+XRAY_RAY_MARGIN = 1.1  # rays run through this many body depths
 XRAY_WINDOW = 7.0  # attenuation (sum mu*dl) shown as white: ~360 mm of water
-VOXEL_FLOOR = 0.75  # lesion cross-sections are at least this many in-plane voxels wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +121,9 @@ class PhantomOptions:
     seed: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "volume_size", tuple(self.volume_size))
+        object.__setattr__(self, "finding_probs", tuple(self.finding_probs))
+
         def need(ok, key, what):
             if not ok:
                 raise ValueError(f"PhantomOptions.{key}={getattr(self, key)!r}: {what}")
@@ -114,8 +137,8 @@ class PhantomOptions:
              and all(0.0 <= p <= 1.0 for p in self.finding_probs)
              and sum(self.finding_probs) > 0, "finding_probs",
              f"needs {len(LABEL_NAMES)} probabilities in [0, 1] ({LABEL_NAMES}), not all 0")
-        need(self.ct_noise_hu >= 0 and self.xray_noise >= 0, "ct_noise_hu",
-             "noise levels must be >= 0")
+        need(self.ct_noise_hu >= 0, "ct_noise_hu", "must be >= 0")
+        need(self.xray_noise >= 0, "xray_noise", "must be >= 0")
         need(1 <= self.min_finding_slices <= self.volume_size[0], "min_finding_slices",
              "must lie in [1, D]")
         need(0 <= self.seed < 2**32, "seed", "must lie in [0, 2**32)")
@@ -173,12 +196,13 @@ class Grid:
 @dataclasses.dataclass
 class Subject:
     """Anatomy of one subject (mm) and its tissue intensities."""
-    body: tuple  # (half depth y, half width x)
-    cavity: tuple  # pleural cavity half axes (y, x)
-    lungs: list  # per side (right, left): dict(cy, cx, ry, rx, length, dome)
-    heart_centre: np.ndarray
-    heart_radii: np.ndarray
-    enlargement: float  # heart x-radius factor (1: normal size)
+    body: tuple  # half axes (y, x) of the skin
+    muscle: tuple  # half axes (y, x) inside the subcutaneous fat
+    cavity: tuple  # half axes (y, x) of the pleural cavity
+    lungs: list  # right, left: dict(cy, cx, ry, rx, length, dome)
+    heart_centre: np.ndarray  # (3,)
+    heart_radii: np.ndarray  # (3,)
+    enlargement: float  # lateral heart enlargement (1: normal size)
     spine: tuple  # (centre y, radius)
     ribs: dict
     vessels: list  # (start (3,), end (3,), radius)
@@ -204,70 +228,71 @@ def _in_lung(lung, z, y, x):
 
 def _sample_subject(rng, cardiomegaly):
     body = (_uniform(rng, BODY_HALF_DEPTH), _uniform(rng, BODY_HALF_WIDTH))
-    wall = _uniform(rng, FAT_THICKNESS) + _uniform(rng, CHEST_WALL)
-    cavity = (body[0] - wall, body[1] - wall)
-    length = _uniform(rng, LUNG_LENGTH)
-    dome = _uniform(rng, DOME_HEIGHT)
+    fat, wall = _uniform(rng, FAT_THICKNESS), _uniform(rng, CHEST_WALL)
+    muscle = (body[0] - fat, body[1] - fat)
+    cavity = (muscle[0] - wall, muscle[1] - wall)
+    length, dome = _uniform(rng, LUNG_LENGTH), _uniform(rng, DOME_HEIGHT)
     lungs = []
     for side, extra in ((-1, _uniform(rng, RIGHT_DOME_EXTRA)), (1, 0.0)):
-        rx = cavity[1] * rng.uniform(0.38, 0.44)  # lungs fill the cavity beside the mediastinum
-        ry = cavity[0] * rng.uniform(0.8, 0.9)
-        lungs.append(dict(cx=side * (cavity[1] - rx - 3.0), cy=cavity[0] - ry - 3.0 - 0.1 * ry,
-                          rx=rx, ry=ry, length=length - extra * rng.uniform(0.3, 0.6),
-                          dome=dome + extra))
+        ry = cavity[0] * _uniform(rng, LUNG_HALF_DEPTH)
+        rx = cavity[1] * _uniform(rng, LUNG_HALF_WIDTH)
+        lungs.append(dict(cy=cavity[0] - ry - PLEURAL_GAP, cx=side * (cavity[1] - rx - PLEURAL_GAP),
+                          ry=ry, rx=rx, length=length - extra, dome=dome + extra))
     heart_centre = np.array([length * _uniform(rng, HEART_DEPTH),
-                             -cavity[0] * rng.uniform(0.2, 0.35), rng.uniform(10.0, 25.0)])
+                             -cavity[0] * _uniform(rng, HEART_FORWARD), _uniform(rng, HEART_LEFT)])
     heart_radii = np.array([_uniform(rng, r) for r in HEART_RADII])
     enlargement = 1.0
     if cardiomegaly:
         scale = np.array([_uniform(rng, s) for s in CARDIOMEGALY_SCALE])
         heart_radii, enlargement = heart_radii * scale, float(scale[2])
+    period = _uniform(rng, RIB_PERIOD)
     ribs = dict(thickness=_uniform(rng, RIB_THICKNESS), height=_uniform(rng, RIB_HEIGHT),
-                period=_uniform(rng, RIB_PERIOD), descent=_uniform(rng, RIB_DESCENT),
-                phase=rng.uniform(0.0, 10.0))
+                period=period, descent=_uniform(rng, RIB_DESCENT), phase=rng.uniform(0, period))
     vessels = []
     for lung in lungs:
+        hilum = np.array([lung["length"] * _uniform(rng, HILUM[0]),
+                          lung["cy"] + HILUM[1] * lung["ry"], HILUM[2] * lung["cx"]])
         n = rng.integers(VESSELS_PER_LUNG[0], VESSELS_PER_LUNG[1] + 1)
-        hilum = np.array([lung["length"] * rng.uniform(0.35, 0.45), lung["cy"] - 0.3 * lung["ry"],
-                          lung["cx"] * 0.55])
-        for end in _points_in_lung(rng, lung, n, (0.1 * lung["length"], lung["length"]), 0.9):
-            vessels.append((hilum, end, _uniform(rng, VESSEL_RADIUS)))
+        ends = _points_in_lung(rng, lung, n, (VESSEL_TOP * lung["length"], lung["length"]),
+                               VESSEL_REACH)
+        vessels += [(hilum, end, _uniform(rng, VESSEL_RADIUS)) for end in ends]
+    spine = (cavity[0] + SPINE_DEPTH * (body[0] - cavity[0]), _uniform(rng, SPINE_RADIUS))
     hu = rng.uniform(TISSUE_HU[:, 0], TISSUE_HU[:, 1]).astype(np.float32)
-    return Subject(body, cavity, lungs, heart_centre, heart_radii, enlargement,
-                   (cavity[0] + 0.3 * (body[0] - cavity[0]), _uniform(rng, SPINE_RADIUS)),
+    return Subject(body, muscle, cavity, lungs, heart_centre, heart_radii, enlargement, spine,
                    ribs, vessels, hu)
 
 
-def _points_in_lung(rng, lung, n, z_range, reach, batch=64, batches=8):
-    """Up to n points (m, 3) inside a lung: depth uniform over z_range, in-plane within
-    `reach` of the cross-section; vectorised rejection sampling against the domed base
-    (fewer than n only where z_range holds (almost) no lung)."""
-    points = np.zeros((0, 3))
-    for _ in range(batches):
-        z = rng.uniform(z_range[0], z_range[1], batch)
+def _points_in_lung(rng, lung, n, z_range, reach, batch=32, tries=8):
+    """Up to n points (m, 3) inside a lung: depth uniform over z_range, then a point within
+    `reach` of that depth's cross-section, rejection-sampled (one vectorised batch per depth)
+    against the domed base; fewer than n only where z_range holds (almost) no lung."""
+    points = []
+    for _ in range(n * tries):
+        z = rng.uniform(z_range[0], z_range[1])
         f = _lung_scale(lung, z) * reach * np.sqrt(rng.uniform(0.0, 1.0, batch))
         angle = rng.uniform(0.0, 2 * np.pi, batch)
         y = lung["cy"] + lung["ry"] * f * np.sin(angle)
         x = lung["cx"] + lung["rx"] * f * np.cos(angle)
-        ok = _in_lung(lung, z, y, x)
-        points = np.concatenate([points, np.stack([z, y, x], 1)[ok]])[:n]
-        if len(points) == n:
-            break
-    return points
+        ok = np.flatnonzero(_in_lung(lung, z, y, x))
+        if len(ok):
+            points.append((z, y[ok[0]], x[ok[0]]))
+            if len(points) == n:
+                break
+    return np.array(points).reshape(-1, 3)
 
 
 def _ct_grid(rng, subject, shape):
     length = subject.length
-    z0 = _uniform(rng, SCAN_TOP) * length
-    z1 = length + _uniform(rng, SCAN_BOTTOM) * length
+    extent = _uniform(rng, SCAN_EXTENT) * length
+    z0 = rng.uniform(SCAN_SPAN[0] * length, SCAN_SPAN[1] * length - extent)
     fov = _uniform(rng, CT_FOV)
-    spacing = ((z1 - z0) / shape[0], fov / shape[1], fov / shape[2])
-    return _centred_grid(shape, spacing, z0)
+    return _centred_grid(shape, (extent / shape[0], fov / shape[1], fov / shape[2]), z0)
 
 
 def _xray_grid(rng, subject, size, depth_samples):
-    fov = max(subject.length / _uniform(rng, XRAY_LUNG_FRACTION), 2.1 * subject.body[1])
-    spacing = (fov / size, 2.2 * subject.body[0] / depth_samples, fov / size)
+    fov = max(subject.length / _uniform(rng, XRAY_LUNG_FRACTION),
+              2 * XRAY_BODY_MARGIN * subject.body[1])
+    spacing = (fov / size, 2 * XRAY_RAY_MARGIN * subject.body[0] / depth_samples, fov / size)
     return _centred_grid((size, depth_samples, size), spacing, -_uniform(rng, XRAY_TOP_MARGIN) * fov)
 
 
@@ -304,59 +329,57 @@ def _choose_findings(rng, opts):
     return present
 
 
-def _sample_findings(rng, subject, present, z_visible, margin):
-    """Findings of the present kinds, centred uniformly over the visible lung depth."""
-    lo, hi = z_visible[0] + margin, z_visible[1] - margin
+def _sample_findings(rng, subject, present, window, nodule_zones):
+    """Findings of the present kinds, spread uniformly over the lung depth seen in `window`.
+
+    window: (z_first, z_last), the depth (mm) of the first and last slice. A lesion of depth
+    half-extent h is centred uniformly in [z_first - h, z_last + h] (within its lung), so
+    every depth of the window is covered equally often. Nodules are centred in one of
+    `nodule_zones` ((lo, hi) depth ranges, one drawn uniformly), which keep them whole.
+    """
     findings = []
 
-    def place(kind, n, **extra):
-        out = []
-        for _ in range(n):
-            side = int(rng.integers(2))
-            lung = subject.lungs[side]
-            z_range = (max(lo, 0.0), min(hi, lung["length"]))
-            if z_range[1] <= z_range[0]:
-                continue
-            centre = _points_in_lung(rng, lung, 1, z_range, 0.75)
-            if not len(centre):
-                continue
-            centre = centre[0]
-            out.append(Finding(kind, ("right", "left")[side], centre[0] / lung["length"],
-                               [(centre, None)], **extra))
-        return out
+    def place(kind, zone, **fields):
+        side = int(rng.integers(2))
+        lung = subject.lungs[side]
+        lo, hi = max(zone[0], 0.0), min(zone[1], lung["length"])
+        centre = _points_in_lung(rng, lung, 1, (lo, hi), FINDING_REACH) if hi >= lo else ()
+        if len(centre):
+            findings.append(Finding(kind, ("right", "left")[side],
+                                    centre[0][0] / lung["length"], **fields))
+            return centre[0]
+        return None
 
     if present[NODULE]:
-        for f in place(NODULE, rng.integers(NODULE_COUNT[0], NODULE_COUNT[1] + 1)):
+        for _ in range(rng.integers(NODULE_COUNT[0], NODULE_COUNT[1] + 1)):
             d = float(np.exp(rng.uniform(*np.log(NODULE_DIAMETER))))
-            f.size_mm = d
-            f.parts = [(f.parts[0][0], d / 2 * rng.uniform(0.85, 1.15, 3))]
-            findings.append(f)
+            zone = nodule_zones[int(rng.integers(len(nodule_zones)))]
+            centre = place(NODULE, zone, size_mm=d)
+            if centre is not None:
+                findings[-1].parts = [(centre, d / 2 * _uniform(rng, NODULE_ELONGATION, 3))]
     for kind, radius in ((CONSOLIDATION, CONSOLIDATION_RADIUS),
                          (GROUND_GLASS, GROUND_GLASS_RADIUS)):
         if present[kind]:
-            for f in place(kind, rng.integers(PATCH_COUNT[0], PATCH_COUNT[1] + 1)):
+            for _ in range(rng.integers(PATCH_COUNT[0], PATCH_COUNT[1] + 1)):
                 r = _uniform(rng, radius)
-                centre = f.parts[0][0]
-                offsets = rng.uniform(-0.7, 0.7, (3, 3)) * r
+                offsets = rng.uniform(-PATCH_SPREAD, PATCH_SPREAD, (3, 3)) * r
                 offsets[0] = 0.0
-                f.parts = [(centre + o, r * rng.uniform(0.5, 1.0, 3)) for o in offsets]
-                findings.append(f)
+                radii = r * _uniform(rng, PATCH_PART_RADIUS, (3, 3))
+                centre = place(kind, (window[0] - r, window[1] + r))
+                if centre is not None:
+                    findings[-1].parts = [(centre + o, q) for o, q in zip(offsets, radii)]
     if present[EFFUSION]:
-        sides = [("right", "left")[int(rng.integers(2))]] if rng.random() < 0.7 else ["right", "left"]
         severity = str(rng.choice(list(EFFUSION_THICKNESS)))
-        for side in sides:
-            lung = subject.lungs[("right", "left").index(side)]
-            z_range = (max(lo, 0.0), min(hi, lung["length"]))
-            if z_range[1] <= z_range[0]:
-                continue
-            zc = rng.uniform(*z_range)
-            half = _uniform(rng, EFFUSION_EXTENT) * lung["length"] / 2
-            findings.append(Finding(EFFUSION, side, zc / lung["length"], severity=severity,
-                                    band=(zc - half, zc + half,
-                                          _uniform(rng, EFFUSION_THICKNESS[severity]))))
+        half = _uniform(rng, EFFUSION_EXTENT) * subject.length / 2
+        thickness = _uniform(rng, EFFUSION_THICKNESS[severity])
+        for _ in range(2 if rng.random() < BILATERAL_EFFUSION else 1):
+            centre = place(EFFUSION, (window[0] - half, window[1] + half), severity=severity)
+            if centre is not None:
+                findings[-1].band = (centre[0] - half, centre[0] + half, thickness)
     if present[CARDIOMEGALY]:
         findings.append(Finding(CARDIOMEGALY, "", 0.0,
-                                severity="mild" if subject.enlargement < 1.45 else "moderate"))
+                                severity="moderate" if subject.enlargement >= MODERATE_CARDIOMEGALY
+                                else "mild"))
     return findings
 
 
@@ -364,11 +387,12 @@ def _sample_findings(rng, subject, present, z_visible, margin):
 
 
 def _ellipsoid(grid, centre, radii, min_slices):
-    """(box, local bool mask) of an ellipsoid. The depth radius is widened so the ellipsoid
-    spans >= min_slices slices, and each spanned slice holds a cross-section at least
-    VOXEL_FLOOR voxels wide, so small lesions never vanish between voxel centres."""
+    """(box, local bool mask) of an ellipsoid. The depth radius is widened to min_slices / 2
+    slices (centred on a slab centre, the ellipsoid then fills exactly that slab of min_slices
+    slices), and each spanned slice holds a cross-section at least VOXEL_FLOOR voxels wide, so
+    small lesions never vanish between voxel centres."""
     sz, sy, sx = grid.spacing
-    rz = max(radii[0], (min_slices + 1) / 2 * sz)
+    rz = max(radii[0], min_slices / 2 * sz)
     floor = VOXEL_FLOOR * max(sy, sx) / min(radii[1], radii[2])
     reach = np.array([rz, radii[1] * max(floor, 1.0), radii[2] * max(floor, 1.0)])
     box = grid.box(centre - reach, centre + reach)
@@ -404,12 +428,9 @@ def _render(subject, findings, grid, min_slices):
     (uint8, class = finding + 1) and the findings that left at least one voxel."""
     tissue = np.full(grid.shape, T_AIR, np.uint8)
     z, y, x = grid.coords()
-    by, bx = subject.body
+    for (ey, ex), code in ((subject.body, T_FAT), (subject.muscle, T_SOFT)):
+        tissue[:, ((y / ey) ** 2 + (x / ex) ** 2)[0] < 1.0] = code
     cy, cx = subject.cavity
-    body = (y / by) ** 2 + (x / bx) ** 2
-    tissue[:, body[0] < 1.0] = T_FAT
-    inner_wall = (by - cy) / 3  # fat takes the outer part of the wall, muscle the rest
-    tissue[:, ((y / (by - inner_wall)) ** 2 + (x / (bx - inner_wall)) ** 2)[0] < 1.0] = T_SOFT
 
     ribs = subject.ribs
     t = ribs["thickness"]
@@ -418,7 +439,7 @@ def _render(subject, findings, grid, min_slices):
     ry = y[0, ring_y, 0]
     z_rib = z[:, 0, :] + ribs["descent"] * (ry - cy) - ribs["phase"]  # (D, ring)
     on = (np.mod(z_rib, ribs["period"]) < ribs["height"]) & (z_rib > -ribs["period"]) & (
-        z_rib < 0.92 * subject.length)
+        z_rib < RIB_EXTENT * subject.length)
     tissue[:, ring_y, ring_x] = np.where(on, T_BONE, tissue[:, ring_y, ring_x])
 
     for lung in subject.lungs:
@@ -587,15 +608,22 @@ def _labels(mask):
     return present.astype(np.float32)
 
 
+def _nodule_zones(grid, opts):
+    """Nodule depths: the centres of the slabs of min_finding_slices slices, so a small nodule
+    (depth widened to that many slices by `_ellipsoid`) fills exactly one slab."""
+    m, (z0, dz, n) = opts.min_finding_slices, (grid.origin[0], grid.spacing[0], grid.shape[0])
+    centres = z0 + dz * (np.arange(0, n - m + 1, m) + (m - 1) / 2)
+    return [(c, c) for c in centres]
+
+
 def ct_case(seed: int, index: int, opts: PhantomOptions) -> CTCase:
     """Renders CT example `index` of stream `seed` with its ground truth."""
     rng = _rng(seed, index, _CT)
     present = _choose_findings(rng, opts)
     subject = _sample_subject(rng, present[CARDIOMEGALY])
     grid = _ct_grid(rng, subject, opts.volume_size)
-    z_visible = (grid.origin[0], grid.origin[0] + grid.spacing[0] * (grid.shape[0] - 1))
-    margin = (opts.min_finding_slices / 2 + 0.5) * grid.spacing[0]
-    findings = _sample_findings(rng, subject, present, z_visible, margin)
+    window = (grid.origin[0], grid.origin[0] + grid.spacing[0] * (grid.shape[0] - 1))
+    findings = _sample_findings(rng, subject, present, window, _nodule_zones(grid, opts))
     tissue, mask, findings = _render(subject, findings, grid, opts.min_finding_slices)
     hu = subject.hu[tissue]
     noise = _rng(seed, index, _CT_NOISE).standard_normal(hu.shape, dtype=np.float32)
@@ -655,7 +683,8 @@ def generate_xray(seed: int, index: int, opts: PhantomOptions) -> dict:
         present = _choose_findings(rng, opts)
         subject = _sample_subject(rng, present[CARDIOMEGALY])
         grid = _xray_grid(rng, subject, opts.xray_render_size, opts.xray_depth_samples)
-        findings = _sample_findings(rng, subject, present, (0.0, subject.length), 0.0)
+        lung_depth = (0.0, subject.length)
+        findings = _sample_findings(rng, subject, present, lung_depth, [lung_depth])
         tissue, mask3d, findings = _render(subject, findings, grid, 1)
         mu = drr_lib.hu_to_mu(subject.hu, xp=np)[tissue]
         modality, name = "xray", "xray"

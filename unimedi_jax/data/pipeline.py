@@ -26,14 +26,75 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from unimedi_jax.data import preprocess, text, transforms
+from unimedi_jax.data import phantom, preprocess, text, transforms
 
 TEXT_FIELD = "report"
+
+
+# ---------------------------------------------------------------- sources
+
+
+class ProceduralPhantomSource:
+    """Random-access source of generated phantom records: record i is
+    `phantom.generate_<modality>(seed, i, opts)`, made on demand (unlimited training pairs).
+
+    `seed` is the stream seed, normally `phantom.split_seed(opts.seed, split)`, the stream a
+    built phantom split of the same options holds (so a "train" stream never meets "test").
+    """
+
+    def __init__(self, modality: str, seed: int, opts: phantom.PhantomOptions | None = None,
+                 length: int = 2**31 - 1):
+        transforms.modality(modality)
+        if length <= 0:
+            raise ValueError(f"length must be positive, got {length}")
+        self.modality, self.seed, self.length = modality, int(seed), int(length)
+        self.opts = phantom.PhantomOptions() if opts is None else opts
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < self.length:
+            raise IndexError(f"{self!r}: index {index} out of range")
+        generate = phantom.generate_xray if self.modality == "xray" else phantom.generate_ct
+        return generate(self.seed, index, self.opts)
+
+    def __repr__(self) -> str:
+        return f"ProceduralPhantomSource({self.modality!r}, seed={self.seed}, length={self.length})"
+
+
+def _size_option(dataset: str, modality: str, stored_size) -> dict:
+    """The builder option of the stored size: the phantom's, or data_prep's shared one."""
+    if modality == "ct":
+        return {"volume_size" if dataset == "phantom" else "ct_size": tuple(int(s) for s in stored_size)}
+    return {"image_size" if dataset == "phantom" else "xray_size": int(stored_size)}
+
+
+def open_source(dataset: str, modality: str, split: str, *, data_dir: str, stored_size,
+                options: Mapping[str, Any] | None = None):
+    """Records of `split` of the data_prep dataset `dataset` (a `data_prep.build.DATASETS`
+    name) for `modality`, stored at `stored_size`; prepared in `data_dir` on first use.
+
+    `options` go to the dataset's builder: `PhantomOptions` fields for "phantom", e.g.
+    `manifest=PATH` for "manifest". Returns `builder.as_data_source(split)`.
+    """
+    from data_prep import build
+
+    options = {**(options or {}), **_size_option(dataset, modality, stored_size)}
+    if dataset in ("phantom", "manifest"):
+        options["modality"] = modality
+    builder = build.build_dataset(dataset, os.path.expanduser(data_dir), **options)
+    if split not in builder.info.splits:
+        raise ValueError(f"{dataset} ({modality}) in {data_dir} has no split {split!r}; it has "
+                         f"{sorted(builder.info.splits)}")
+    return builder.as_data_source(split)
 
 
 # ---------------------------------------------------------------- record checks
@@ -129,6 +190,15 @@ def shard(ds: grain.MapDataset, index: int, count: int, name: str) -> grain.MapD
     return ds[index:per_shard * count:count]
 
 
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+    """(index, count) as given, or this process's from JAX when either is None."""
+    if index is None or count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return index, count
+
+
 def _parse_absl_flags() -> None:
     # Grain's multiprocess prefetch reads an absl flag, which raises outside an absl app (tests,
     # notebooks) until flags are parsed (google/grain#1355); defaults are what it would read.
@@ -196,10 +266,7 @@ def make_dataset(
     crop = preprocess.as_shape(crop_size, m.ndim)
     if any(c > s for s, c in zip(stored, crop)):
         raise ValueError(f"{name}: crop_size {crop} exceeds the stored {m.key} shape {stored}")
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
+    process_index, process_count = _process(process_index, process_count)
 
     ds = grain.MapDataset.source(source).map_with_index(checker).seed(seed)
     if train:
@@ -264,3 +331,61 @@ def _json_scalar(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"Iterator state holds a {type(value).__name__}, which JSON cannot store")
+
+
+def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
+               process_count: int | None = None) -> MixedIterator:
+    """The training iterator of both modalities from `config.data`, infinite, shuffled, augmented.
+
+    Keys of `data` (an ml_collections.ConfigDict or any mapping with attribute access):
+      data_dir: TFDS data_dir of prepared datasets ("~" expanded).
+      procedural: train on `ProceduralPhantomSource` streams (unlimited phantom pairs) instead
+        of prepared splits; the stream is the one the phantom's `split` would hold.
+      phantom: optional `PhantomOptions` fields beyond the stored sizes (e.g. seed), for the
+        procedural streams and prepared phantom datasets alike.
+      seed: shuffling and augmentation seed, the same on every process.
+      max_length: report tokens (DESIGN: 112).
+      worker_count: Grain worker processes per modality (0: reader threads only).
+      batch_size_xray, batch_size_ct: global batch sizes, divided evenly over the processes;
+        0 leaves that modality out.
+      xray, ct: per modality
+        dataset: data_prep dataset name ("phantom", "mimic_cxr", "bimcv", ...).
+        split: split to train on.
+        stored_size: stored X-ray side S / CT (D, H, W) (the dataset's size option).
+        crop_size: model input size, at most stored_size.
+        augment: optional `transforms.AugmentOptions` fields (default `DEFAULT_AUGMENT`).
+        options: optional further builder options (e.g. manifest=PATH).
+    """
+    process_index, process_count = _process(process_index, process_count)
+    phantom_extra = dict(data.get("phantom") or {})
+    iterators = {}
+    for modality in ("xray", "ct"):
+        spec, global_batch = data[modality], int(data[f"batch_size_{modality}"])
+        if global_batch == 0:
+            continue
+        if global_batch % process_count:
+            raise ValueError(f"config.data.batch_size_{modality}={global_batch} is not divisible "
+                             f"by the process count {process_count}")
+        name = f"{spec.dataset}/{spec.split} ({modality})"
+        if data.procedural:
+            if spec.dataset != "phantom":
+                raise ValueError(f"config.data.procedural needs config.data.{modality}.dataset="
+                                 f"'phantom', not {spec.dataset!r}")
+            opts = phantom.PhantomOptions(
+                **{**phantom_extra, **_size_option("phantom", modality, spec.stored_size)})
+            source = ProceduralPhantomSource(modality, phantom.split_seed(opts.seed, spec.split), opts)
+            name = f"procedural {name}"
+        else:
+            extra = phantom_extra if spec.dataset == "phantom" else {}
+            source = open_source(spec.dataset, modality, spec.split, data_dir=data.data_dir,
+                                 stored_size=spec.stored_size,
+                                 options={**extra, **dict(spec.get("options") or {})})
+        augment = spec.get("augment")
+        iterators[modality] = iter(make_dataset(
+            source, modality=modality, batch_size=global_batch // process_count, train=True,
+            crop_size=spec.crop_size, tokenizer_folder=tokenizer_folder, seed=data.seed,
+            max_length=data.max_length, num_epochs=None, name=name,
+            augment=None if augment is None else transforms.AugmentOptions(**dict(augment)),
+            process_index=process_index, process_count=process_count,
+            worker_count=data.worker_count))
+    return MixedIterator(**iterators)

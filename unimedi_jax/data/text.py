@@ -47,7 +47,7 @@ def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = MAX_LENGTH
     encoded = tokenizer(
         [texts] if single else list(texts),
         max_length=max_length,
-        padding="max_length",
+        padding="longest",
         truncation=True,
         return_tensors="np",
     )

@@ -42,7 +42,7 @@ DEFAULT_PACKAGE_FOLDER = "model"
 
 # Hugging Face `hidden_act` values: "gelu" is the exact erf form, "gelu_new" the tanh form.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }

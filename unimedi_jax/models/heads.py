@@ -52,6 +52,19 @@ class DINOHead(nn.Module):
         x = nn.gelu(nn.Dense(self.hidden_dim, name="mlp_1", **init)(x), approximate=False)
         x = nn.Dense(self.bottleneck_dim, name="mlp_2", **init)(x).astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_EPS)
-        with nn.scope := None if False else None:  # placeholder removed below
-            pass
-        return x
+        return _WeightNormLinear(self.out_dim, self.norm_last_layer, name="last_layer")(x)
+
+
+class _WeightNormLinear(nn.Module):
+    """y = x @ (g * v / ||v||) with v (in, out) normalised per output column (torch weight_norm)."""
+
+    features: int
+    fixed_gain: bool
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        v = self.param("kernel", TORCH_LINEAR_INIT, (x.shape[-1], self.features))
+        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        if not self.fixed_gain:
+            w = w * self.param("scale", nn.initializers.ones, (self.features,))
+        return x @ w

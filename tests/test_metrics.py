@@ -1,0 +1,138 @@
+"""Evaluation metrics against scikit-learn and brute-force numpy references."""
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from unimedi_jax.eval import metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_auroc_matches_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 200)
+    scores = rng.integers(0, 8, 200).astype(np.float32)  # few distinct values: many ties
+    np.testing.assert_allclose(metrics.binary_auroc(labels, scores),
+                               skm.roc_auc_score(labels, scores), rtol=0, atol=1e-12)
+
+
+def test_binary_auroc_one_class_is_nan_and_bad_labels_raise():
+    assert np.isnan(metrics.binary_auroc(np.ones(5), np.arange(5.0)))
+    with pytest.raises(ValueError, match="labels in"):
+        metrics.binary_auroc(np.array([0, 2, 1]), np.arange(3.0))
+
+
+def test_macro_auroc_skips_single_class_and_unknown_entries():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (120, 4)).astype(np.float32)
+    labels[:, 2] = 1  # one class only: skipped
+    labels[rng.random((120, 4)) < 0.2] = -1  # unknown entries: left out per label
+    labels[:3, 2] = -1
+    scores = rng.normal(size=(120, 4))
+    per_label = metrics.per_label_auroc(labels, scores)
+    expected = []
+    for j in range(4):
+        known = labels[:, j] >= 0
+        if len(np.unique(labels[known, j])) < 2:
+            expected.append(np.nan)
+        else:
+            expected.append(skm.roc_auc_score(labels[known, j], scores[known, j]))
+    np.testing.assert_allclose(per_label, expected, rtol=0, atol=1e-12)
+    assert np.isnan(per_label[2])
+    np.testing.assert_allclose(metrics.macro_auroc(labels, scores), np.nanmean(expected),
+                               rtol=0, atol=1e-12)
+    assert np.isnan(metrics.macro_auroc(np.ones((4, 2)), np.zeros((4, 2))))
+
+
+def test_accuracy_matches_sklearn():
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
+    assert metrics.accuracy(y, p) == pytest.approx(skm.accuracy_score(y, p), abs=1e-12)
+    with pytest.raises(ValueError):
+        metrics.accuracy(y, p[:-1])
+
+
+def _dice_reference(pred, true, num_classes):
+    out = np.full((len(pred), num_classes), np.nan)
+    for i in range(len(pred)):
+        for c in range(num_classes):
+            p, t = pred[i] == c, true[i] == c
+            if p.sum() + t.sum():
+                out[i, c] = 2.0 * (p & t).sum() / (p.sum() + t.sum())
+    return out
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_dice_matches_numpy_reference(num_classes):
+    rng = np.random.default_rng(num_classes)
+    true = rng.integers(0, num_classes, (6, 5, 7, 3))
+    pred = np.where(rng.random(true.shape) < 0.6, true, rng.integers(0, num_classes, true.shape))
+    true[0] = 0
+    pred[0] = 0  # sample 0: every foreground class empty in both -> NaN
+    if num_classes > 2:
+        true[1][true[1] == 3] = 0
+        pred[1][pred[1] == 3] = 1  # class 3 absent from sample 1 in both maps
+    ref = _dice_reference(pred, true, num_classes)
+    np.testing.assert_allclose(metrics.dice_per_sample(pred, true, num_classes), ref,
+                               rtol=0, atol=1e-12)
+    summary = metrics.dice_summary(pred, true, num_classes)
+    per_class = np.nanmean(ref[:, 1:], axis=0)
+    np.testing.assert_allclose(summary["dice_per_class"], per_class, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(summary["dice"], per_class.mean(), rtol=0, atol=1e-12)
+
+
+def test_dice_rejects_out_of_range_classes():
+    with pytest.raises(ValueError, match="outside"):
+        metrics.dice_per_sample(np.full((1, 2, 2), 3), np.zeros((1, 2, 2), int), 3)
+
+
+def _recall_brute_force(sim, relevant, k):
+    """Average over every order of tied candidates (exhaustive; tiny inputs)."""
+    hits = []
+    for s, rel in zip(sim, relevant):
+        total, count = 0.0, 0
+        for perm in itertools.permutations(range(len(s))):
+            # Rank by score, ties broken by the position in perm.
+            order = sorted(range(len(s)), key=lambda j: (-s[j], perm.index(j)))
+            total += rel[order[:k]].any()
+            count += 1
+        hits.append(total / count)
+    return float(np.mean(hits))
+
+
+def test_recall_at_k_exact_tie_expectation():
+    rng = np.random.default_rng(3)
+    sim = rng.integers(0, 3, (6, 6)).astype(np.float64)  # heavy ties
+    relevant = rng.random((6, 6)) < 0.3
+    relevant[np.arange(6), rng.integers(0, 6, 6)] = True
+    got = metrics.recall_at_k(sim, relevant, (1, 2, 3, 6))
+    for k in (1, 2, 3, 6):
+        assert got[k] == pytest.approx(_recall_brute_force(sim, relevant, k), abs=1e-12)
+
+
+def test_recall_at_k_without_ties_and_constant_scores():
+    rng = np.random.default_rng(4)
+    sim = rng.normal(size=(30, 40))
+    relevant = np.zeros((30, 40), bool)
+    relevant[np.arange(30), np.arange(30)] = True
+    ranks = (sim > sim[np.arange(30), np.arange(30)][:, None]).sum(1)
+    got = metrics.recall_at_k(sim, relevant, (1, 5, 10))
+    for k in (1, 5, 10):
+        assert got[k] == pytest.approx(np.mean(ranks < k), abs=1e-12)
+    constant = metrics.recall_at_k(np.zeros((30, 40)), relevant, (1, 5, 10))
+    for k in (1, 5, 10):  # chance: k / C
+        assert constant[k] == pytest.approx(k / 40, abs=1e-12)
+    with pytest.raises(ValueError, match="no relevant"):
+        metrics.recall_at_k(sim, np.zeros_like(relevant), (1,))
+
+
+def test_group_ids_and_most_common_recall():
+    labels = np.array([[1, 0], [0, 0], [0, 0], [1, 1], [0, 0], [1, 0]], np.float32)
+    groups = metrics.group_ids(labels)
+    assert groups[1] == groups[2] == groups[4] and groups[0] == groups[5]
+    assert len(set(groups.tolist())) == 3
+    got = metrics.most_common_recall(groups, groups, (1, 2, 3))
+    # Groups by frequency: [0,0] (3), [1,0] (2), [1,1] (1).
+    assert got == {1: pytest.approx(3 / 6), 2: pytest.approx(5 / 6), 3: pytest.approx(1.0)}

@@ -1,0 +1,138 @@
+"""Segmentation decoders on the ViT's tokens, for 2D (H, W) and 3D (D, H, W) alike.
+
+Both take the token grid (the ViT's patch grid) and bring it back to the input size in
+`num_stages(patch)` x2 stages, log2 of the largest patch side; an axis with a smaller patch
+side (e.g. depth 4 of a (4, 16, 16) patch) doubles only in the first log2(side) stages
+(`stage_strides`).
+
+- `SETRPUP` (SETR progressive upsampling, Zheng et al. 2021; mmseg `SETRUPHead`): the final
+  tokens as a grid, then per stage conv3 + norm + ReLU and a x2 (bi/tri)linear upsampling, then
+  a 1x1 conv to the classes. Norm is GroupNorm: no running statistics to carry (mmseg: SyncBN);
+  the classifier dropout is left out.
+- `UNETR` (Hatamizadeh et al. 2022; MONAI `UNETR`, instance norm and LeakyReLU residual blocks):
+  skip features from the input and from three intermediate layers (z3, z6, z9 of 12: indices
+  `unetr_skip_layers(depth)`), each brought up by transposed convs, and a decoder that upsamples
+  the final tokens through them.
+
+Inputs: `x` (B, *spatial) the model input, `tokens` (B, N, C) the final-norm patch tokens,
+`layers` the intermediate token states the decoder asked for (`skip_layers`), `grid` the token
+grid. Output: logits (B, *spatial, num_classes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+LEAKY_SLOPE = 0.01  # MONAI UnetResBlock: LeakyReLU(negative_slope=0.01)
+
+
+def num_stages(patch: Sequence[int]) -> int:
+    """x2 stages that undo a patch: log2 of its largest side (sides must be powers of 2)."""
+    for p in patch:
+        if p < 1 or p & (p - 1):
+            raise ValueError(f"Decoder needs power-of-2 patch sides, got {tuple(patch)}")
+    return int(math.log2(max(patch)))
+
+
+def stage_strides(patch: Sequence[int], stage: int) -> tuple[int, ...]:
+    """Upsampling factor per axis at stage `stage` (0 = from the token grid)."""
+    return tuple(2 if stage < int(math.log2(p)) else 1 for p in patch)
+
+
+def tokens_to_grid(tokens: Array, grid: Sequence[int]) -> Array:
+    """(B, N, C) -> (B, *grid, C)."""
+    return tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1])
+
+
+def unetr_skip_layers(depth: int) -> tuple[int, int, int]:
+    """0-based blocks z_{L/4}, z_{L/2}, z_{3L/4} (UNETR: z3, z6, z9 of 12), at least block 0."""
+    return tuple(max(round(depth * q) - 1, 0) for q in (0.25, 0.5, 0.75))
+
+
+class SETRPUP(nn.Module):
+    num_classes: int
+    patch: Sequence[int]
+    channels: int = 256  # SETR-PUP: 256 decoder channels
+    norm_groups: int = 32  # GroupNorm groups (channels must be divisible)
+
+    skip_layers = ()
+
+    @nn.compact
+    def __call__(self, x: Array, tokens: Array, layers: Sequence[Array], grid) -> Array:
+        del x, layers
+        y = tokens_to_grid(tokens, grid)
+        ndim = len(grid)
+        for s in range(num_stages(self.patch)):
+            y = nn.Conv(self.channels, (3,) * ndim, padding="SAME", name=f"conv_{s}")(y)
+            y = nn.relu(nn.GroupNorm(num_groups=self.norm_groups, name=f"norm_{s}")(y))
+            up = stage_strides(self.patch, s)
+            y = jax.image.resize(y, (y.shape[0], *(n * f for n, f in zip(y.shape[1:-1], up)),
+                                     y.shape[-1]), method="linear")
+        return nn.Conv(self.num_classes, (1,) * ndim, name="classifier")(y)
+
+
+class ResBlock(nn.Module):
+    """MONAI UnetResBlock (k3, stride 1): conv-norm-lrelu-conv-norm + (1x1 conv-norm) shortcut."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        ndim = x.ndim - 2
+        norm = lambda name: nn.GroupNorm(num_groups=None, group_size=1, name=name)  # instance
+        y = nn.Conv(self.features, (3,) * ndim, padding="SAME", use_bias=False, name="conv1")(x)
+        y = nn.leaky_relu(norm("norm1")(y), LEAKY_SLOPE)
+        y = norm("norm2")(nn.Conv(self.features, (3,) * ndim, padding="SAME", use_bias=False,
+                                  name="conv2")(y))
+        if x.shape[-1] != self.features:
+            x = norm("norm3")(nn.Conv(self.features, (1,) * ndim, use_bias=False,
+                                      name="conv3")(x))
+        return nn.leaky_relu(x + y, LEAKY_SLOPE)
+
+
+def _up(features: int, strides: Sequence[int], name: str) -> nn.ConvTranspose:
+    """Transposed conv with kernel = stride (MONAI upsample_kernel_size 2, conv_only)."""
+    return nn.ConvTranspose(features, tuple(strides), strides=tuple(strides), padding="VALID",
+                            use_bias=False, name=name)
+
+
+class UNETR(nn.Module):
+    num_classes: int
+    patch: Sequence[int]
+    depth: int  # ViT blocks, for the skip layers
+    feature_size: int = 16  # UNETR: 16
+
+    @property
+    def skip_layers(self) -> tuple[int, ...]:
+        return unetr_skip_layers(self.depth)
+
+    @nn.compact
+    def __call__(self, x: Array, tokens: Array, layers: Sequence[Array], grid) -> Array:
+        stages = num_stages(self.patch)
+        if stages != 4:
+            raise ValueError(f"UNETR decodes 4 x2 stages (a largest patch side of 16), got patch "
+                             f"{tuple(self.patch)}")
+        fs = self.feature_size
+        strides = [stage_strides(self.patch, s) for s in range(stages)]
+        # Skip paths: input at full size; z3 -> 1/2 (3 stages), z6 -> 1/4 (2), z9 -> 1/8 (1).
+        skips = [ResBlock(fs, name="encoder1")(x[..., None])]
+        for i, (z, width) in enumerate(zip(layers, (2 * fs, 4 * fs, 8 * fs))):
+            n_up = 3 - i
+            y = _up(width, strides[0], f"encoder{i + 2}_up0")(tokens_to_grid(z, grid))
+            for s in range(1, n_up):
+                y = _up(width, strides[s], f"encoder{i + 2}_up{s}")(y)
+                y = ResBlock(width, name=f"encoder{i + 2}_block{s}")(y)
+            skips.append(y)
+        # Decoder: tokens 1/16 -> 1/8 (+z9 path) -> 1/4 (+z6) -> 1/2 (+z3) -> 1/1 (+input).
+        y = tokens_to_grid(tokens, grid)
+        for s, (skip, width) in enumerate(zip(skips[::-1], (8 * fs, 4 * fs, 2 * fs, fs))):
+            y = _up(width, strides[s], f"decoder{5 - s}_up")(y)
+            y = ResBlock(width, name=f"decoder{5 - s}_block")(jnp.concatenate([y, skip], -1))
+        return nn.Conv(self.num_classes, (1,) * (x.ndim - 1), name="classifier")(y)

@@ -1,0 +1,286 @@
+"""One UniMedI pretraining step (paper §3, DESIGN §4) and the jittable train step.
+
+Per step, for the X-ray sub-batch (images, k = 1) and the CT sub-batch (volumes):
+
+1. CT only, slice selection (`objective.selection.mode`): `attentive` runs the EMA teacher on
+   the volume alone and scores its slabs by CLS attention (Eq. 1-2); `random` scores them with
+   noise; the top-k slabs give k 2D slices that join the volume's tokens as
+   `[3D tokens, slice 1..k tokens]`. `none` keeps the volume alone.
+2. Self-distillation targets (`objective.sd.enabled`): the teacher encodes the full (mixed)
+   input; its CLS attention scores the tokens for the student's mask (per modality block,
+   `objective.masking`), its DINO-head outputs are the CLS and patch targets.
+3. The student encodes the masked input (unmasked when self-distillation is off: the masking
+   belongs to the masking-and-recovering task of §3.4); the text encoder encodes the reports.
+4. L = L_vl + w_icl L_icl + w_pcl L_pcl.
+
+CLIP pairing: each sample contributes one image embedding, the projection of its single [CLS].
+For a CT sample the volume and its selected slices form one sequence, so that [CLS] attends to
+both and stands for the pair; it is paired with the volume's report (which the slices share).
+This is the paper's §3.3 ("all tokens are concatenated and processed together by E_v ... the
+loss is applied to image [CLS] tokens"), and keeps the pairing one-to-one, so no report appears
+twice as its own negative. With `objective.clip.joint` X-rays and CTs share one similarity matrix
+(B2 + B3 pairs); otherwise each modality has its own and the loss is their mean.
+
+Every reduction is over the global arrays, so under `jax.jit` with a batch sharded on the mesh
+the CLIP negatives, loss means and DINO centres span the global batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from unimedi_jax.models.unimedi import UniMedI, teacher_params
+from unimedi_jax.objective import losses, masking, schedules, selection
+from unimedi_jax.objective.ema import ema_update
+from unimedi_jax.objective.optim import make_optimizer, trainable_mask
+
+Array = jax.Array
+PyTree = Any
+MODALITIES = ("xray", "ct")  # batch keys, in the order their samples enter the CLIP matrix
+SELECTION_MODES = ("attentive", "random", "none")
+ON_NONFINITE = ("stop", "skip")
+
+
+def logit_scale(params: dict, clip_cfg) -> Array:
+    """The CLIP logit multiplier: exp(params["logit_scale"]) clamped at clip.max_logit_scale when
+    learnable (CLIP), else the fixed 1 / clip.temperature."""
+    if clip_cfg.learnable:
+        return jnp.exp(jnp.minimum(params["logit_scale"], math.log(clip_cfg.max_logit_scale)))
+    return jnp.asarray(1.0 / clip_cfg.temperature, jnp.float32)
+
+
+def _normalized_entropy(p: Array) -> Array:
+    """Mean over rows of the entropy of p (B, N) divided by log N (1 = uniform)."""
+    ent = -jnp.sum(p * jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny)), axis=-1)
+    return ent.mean() / math.log(p.shape[-1])
+
+
+def _vision_inputs(model: UniMedI, teacher: dict, sub: dict, kind: str, sel_cfg,
+                   rng: Array) -> tuple[dict, Array | None]:
+    """The full (unmasked) ViT inputs of a sub-batch, and the chosen slab indices (CT)."""
+    if kind == "xray":
+        return {"images": sub["image"][:, None]}, None
+    volume = sub["volume"]
+    if sel_cfg.mode == "none":
+        return {"volume": volume}, None
+    patch_depth = model.vit.patch_size_3d[0]
+    if sel_cfg.mode == "attentive":
+        _, out = model.encode_image(teacher, volume=volume)
+        scores = selection.slice_scores(out["cls_attn"], out["grid_3d"])
+    elif sel_cfg.mode == "random":
+        scores = selection.random_scores(rng, (volume.shape[0], volume.shape[1] // patch_depth))
+    else:
+        raise ValueError(f"objective.selection.mode={sel_cfg.mode!r}; expected one of "
+                         f"{SELECTION_MODES}")
+    slices, indices = selection.select_slices(volume, jax.lax.stop_gradient(scores), sel_cfg.k,
+                                              sel_cfg.slice_mode, patch_depth)
+    return {"volume": volume, "images": slices}, indices
+
+
+def _with_cls(cls: Array, tokens: Array) -> Array:
+    return jnp.concatenate([cls[:, None], tokens], axis=1)
+
+
+def _distill_targets(model: UniMedI, teacher: dict, inputs: dict, mask_cfg, rng: Array) -> dict:
+    """Teacher pass on the full input -> the student's masked inputs and the DINO targets.
+
+    Returns student_inputs, cls_target (B, K), patch_target (B, P, K) and patch_weights (B, P)
+    at the student's loss positions (P = M kept tokens for `drop`, all N tokens for
+    `mask_token` with weight 1 at the masked ones), patch_mean (B, K) (the token mean of the
+    raw teacher patch outputs, for the centre) and the teacher attention entropy.
+    """
+    t_cls, t_out = model.encode_image(teacher, **inputs)
+    logits = jax.lax.stop_gradient(model.dino(teacher, _with_cls(t_cls, t_out["tokens"])))
+    attn = jax.lax.stop_gradient(t_out["cls_attn"])
+    layout = masking.Layout.from_vit(t_out)
+    keep = masking.keep_indices(masking.token_scores(mask_cfg.mode, attn, rng), layout,
+                                mask_cfg.keep_ratio)
+    patch = logits[:, 1:]
+    if mask_cfg.style == "drop":
+        student_inputs = dict(inputs, keep=keep)
+        target = jnp.take_along_axis(patch, keep[..., None], axis=1)
+        weights = jnp.ones(keep.shape, jnp.float32)
+    elif mask_cfg.style == "mask_token":
+        mask = masking.mask_from_keep(keep, layout.num_tokens)
+        student_inputs, target, weights = dict(inputs, mask=mask), patch, mask.astype(jnp.float32)
+    else:
+        raise ValueError(f"objective.masking.style={mask_cfg.style!r}; expected one of "
+                         f"{masking.STYLES}")
+    return dict(student_inputs=student_inputs, cls_target=logits[:, 0], patch_target=target,
+                patch_weights=weights, patch_mean=patch.mean(axis=1),
+                attn_entropy=_normalized_entropy(attn))
+
+
+def _stop_frozen(params: dict, config) -> dict:
+    """Stops the gradient at frozen leaves, so the backward pass skips their weight gradients."""
+    return jax.tree.map(lambda x, train: x if train else jax.lax.stop_gradient(x),
+                        params, trainable_mask(params, config))
+
+
+def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: Array,
+                  step: Array, *, model: UniMedI, config) -> tuple[Array, dict, dict, dict]:
+    """The UniMedI loss and its gradient for one step.
+
+    params: student params (see `models.unimedi`); teacher: {"vision", "dino_head"};
+    centers: {"cls": (K,), "patch": (K,)}; batch: "xray" {image (B2, S, S), input_ids,
+    attention_mask} and/or "ct" {volume (B3, D, H, W), input_ids, attention_mask} (docs/
+    CONTRACTS.md; other keys are ignored); rng: a key for this step; step: int scalar.
+    Returns (loss, grads with the structure of params, metrics, new centers). The teacher is not
+    an argument of the differentiated function: it gets no gradient.
+    """
+    obj = config.objective
+    sd = obj.sd
+    kinds = [k for k in MODALITIES if k in batch]
+    if not kinds:
+        raise ValueError(f"batch has none of the sub-batches {MODALITIES}; keys: {sorted(batch)}")
+    lengths = {batch[k]["input_ids"].shape[1] for k in kinds}
+    if len(lengths) != 1:
+        raise ValueError(f"input_ids lengths differ between sub-batches {kinds}: {sorted(lengths)} "
+                         f"(tokenise both to model.text.max_length)")
+
+    metrics, targets, inputs = {}, {}, {}
+    for i, kind in enumerate(kinds):
+        r_sel, r_mask = jax.random.split(jax.random.fold_in(rng, i))
+        inputs[kind], indices = _vision_inputs(model, teacher, batch[kind], kind, obj.selection,
+                                               r_sel)
+        if indices is not None:
+            metrics["slice_indices"] = indices
+        if sd.enabled:
+            targets[kind] = _distill_targets(model, teacher, inputs[kind], obj.masking, r_mask)
+            inputs[kind] = targets[kind].pop("student_inputs")
+            metrics[f"attn_entropy_{kind}"] = targets[kind].pop("attn_entropy")
+
+    sizes = [batch[k]["input_ids"].shape[0] for k in kinds]
+    patch_temp = schedules.teacher_temp(step, sd.teacher_patch_temp_warmup, sd.teacher_patch_temp,
+                                        sd.teacher_temp_warmup_steps)
+    cat = lambda key: jnp.concatenate([targets[k][key] for k in kinds], axis=0)
+
+    def loss_fn(p):
+        p = _stop_frozen(p, config)
+        ids = jnp.concatenate([batch[k]["input_ids"] for k in kinds], axis=0)
+        att = jnp.concatenate([batch[k]["attention_mask"] for k in kinds], axis=0)
+        z_txt = model.project_text(p, model.encode_text(p, ids, att))
+        encoded = {k: model.encode_image(p, **inputs[k]) for k in kinds}
+        z_img = jnp.concatenate([model.project_image(p, encoded[k][0]) for k in kinds], axis=0)
+        scale = logit_scale(p, obj.clip)
+        if obj.clip.joint:
+            l_vl = losses.clip_loss(z_img, z_txt, scale)
+        else:
+            bounds = [0, *itertools.accumulate(sizes)]
+            l_vl = sum(losses.clip_loss(z_img[a:b], z_txt[a:b], scale)
+                       for a, b in zip(bounds[:-1], bounds[1:])) / len(kinds)
+        terms = {"loss_vl": l_vl}
+        if sd.enabled:
+            s_logits = {k: model.dino(p, _with_cls(encoded[k][0], encoded[k][1]["tokens"]))
+                        for k in kinds}
+            s_cls = jnp.concatenate([s_logits[k][:, 0] for k in kinds], axis=0)
+            terms["loss_icl"] = losses.dino_loss(s_cls, cat("cls_target"), centers["cls"],
+                                                 sd.student_temp, sd.teacher_temp)
+            # Mean over all samples of the per-sample patch loss (patch_loss is a batch mean).
+            terms["loss_pcl"] = sum(
+                n * losses.patch_loss(s_logits[k][:, 1:], targets[k]["patch_target"],
+                                      centers["patch"], targets[k]["patch_weights"],
+                                      sd.student_temp, patch_temp)
+                for n, k in zip(sizes, kinds)) / sum(sizes)
+            loss = l_vl + sd.w_icl * terms["loss_icl"] + sd.w_pcl * terms["loss_pcl"]
+        else:
+            loss = l_vl
+        return loss, (terms, scale)
+
+    (loss, (terms, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    new_centers = dict(centers)
+    if sd.enabled:
+        new_centers = {
+            "cls": losses.update_center(centers["cls"], cat("cls_target"), sd.center_momentum),
+            "patch": losses.update_center(centers["patch"], cat("patch_mean"), sd.center_momentum),
+        }
+        metrics.update(teacher_temp=jnp.asarray(sd.teacher_temp, jnp.float32),
+                       teacher_patch_temp=patch_temp)
+    metrics.update(terms, loss=loss, logit_scale=scale)
+    return loss, grads, metrics, new_centers
+
+
+def init_state(model: UniMedI, params: dict, optimizer: optax.GradientTransformation) -> dict:
+    """The train state {step, params, teacher, opt_state, centers}: the teacher starts as a copy
+    of the student (DINO), the centres at zero."""
+    k = model.dino_head.out_dim
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "teacher": jax.tree.map(jnp.copy, teacher_params(params)),  # own buffers (donation)
+        "opt_state": optimizer.init(params),
+        "centers": {"cls": jnp.zeros((k,), jnp.float32), "patch": jnp.zeros((k,), jnp.float32)},
+    }
+
+
+def make_train_step(model: UniMedI, config, optimizer: optax.GradientTransformation
+                    ) -> Callable[[dict, dict, Array], tuple[dict, dict]]:
+    """A pure `(state, batch, rng) -> (new_state, metrics)` for `jax.jit`.
+
+    Applies the optimiser, then the EMA teacher update with the scheduled momentum (from the
+    updated student, as DINO), and the new centres. `rng` is a base key: the step number is
+    folded in here. metrics add grad_norm, lr, ema_momentum and `finite` (loss and gradient
+    norm finite); with config.on_nonfinite == "skip" a non-finite step leaves the state as it
+    was except `step` (selected with jnp.where, no host round trip). "stop" leaves the decision
+    to the caller, which reads `finite`.
+    """
+    if config.on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite={config.on_nonfinite!r}; expected one of {ON_NONFINITE}")
+    sd = config.objective.sd
+    lr_schedule = schedules.learning_rate(config.optim, config.total_steps)
+
+    def train_step(state: dict, batch: dict, rng: Array) -> tuple[dict, dict]:
+        step = state["step"]
+        loss, grads, metrics, centers = pretrain_step(
+            state["params"], state["teacher"], state["centers"], batch,
+            jax.random.fold_in(rng, step), step, model=model, config=config)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        momentum = schedules.ema_momentum(step, config.total_steps, sd.ema_start, sd.ema_end)
+        new = {"params": params, "teacher": ema_update(state["teacher"], params, momentum),
+               "opt_state": opt_state, "centers": centers}
+        if config.on_nonfinite == "skip":
+            old = {k: state[k] for k in new}
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics.update(grad_norm=grad_norm, finite=finite, ema_momentum=momentum,
+                       lr=lr_schedule(step))
+        return {"step": step + 1, **new}, metrics
+
+    return train_step
+
+
+class Setup(NamedTuple):
+    """What the trainer needs: the model, the optimiser, `init(rng, sample_batch) -> state`
+    (jittable) and `train_step(state, batch, rng) -> (state, metrics)`."""
+
+    model: UniMedI
+    optimizer: optax.GradientTransformation
+    init: Callable[[Array, Any], dict]
+    train_step: Callable[[dict, dict, Array], tuple[dict, dict]]
+
+
+def make_setup(config) -> Setup:
+    """Builds the model and optimiser and loads the text checkpoint once (host memory).
+
+    `init(rng, sample_batch)` initialises the vision encoder and heads from `rng` and takes the
+    text encoder from the checkpoint (the loaded weights enter a jitted `init` as constants);
+    parameter shapes depend on the config only, so `sample_batch` is not read.
+    """
+    model = UniMedI.from_config(config)
+    optimizer = make_optimizer(config)
+    text_params = model.load_text_params()
+
+    def init(rng: Array, sample_batch: Any = None) -> dict:
+        del sample_batch
+        params = {**model.init_random(rng), "text": text_params}
+        return init_state(model, params, optimizer)
+
+    return Setup(model, optimizer, init, make_train_step(model, config, optimizer))
