@@ -50,8 +50,8 @@ records.define_flag(flags.DEFINE_enum, "phantom_modality", None,
                     "Phantom modality to build (default: both).", enum_values=list(MODALITIES))
 for _split in phantom.SPLIT_INDEX:
     records.define_flag(flags.DEFINE_integer, f"phantom_num_{_split}", None,
-                        f"Phantom {_split} examples (default: ct "
-                        f"{DEFAULT_EXAMPLES['ct'][_split]}, xray {DEFAULT_EXAMPLES['xray'][_split]}).")
+                        f"Phantom {_split} examples (default: ct {DEFAULT_EXAMPLES['ct'][_split]}, "
+                        f"xray {DEFAULT_EXAMPLES['xray'][_split]}).")
 records.define_flag(flags.DEFINE_list, "phantom_volume_size", None, "Phantom CT size D,H,W.")
 records.define_flag(flags.DEFINE_integer, "phantom_image_size", None, "Phantom X-ray side S.")
 records.define_flag(flags.DEFINE_integer, "phantom_seed", None, "Phantom base seed.")
@@ -157,8 +157,10 @@ class Phantom(tfds.core.GeneratorBasedBuilder):
 def make_builder(data_dir, manual_dir=None, *, modality=None, num_train=None,
                  num_validation=None, num_test=None, **options):
     """The phantom builder of `modality` ("ct" | "xray"), or a list [ct, xray] when neither
-    the argument nor `--phantom_modality` names one. `options`: `PhantomOptions` fields."""
+    the argument nor `--phantom_modality` names one. `options`: `PhantomOptions` fields
+    (None: the flag `--phantom_<field>` if set, else the default)."""
     del manual_dir  # generated data
+    options = {k: v for k, v in options.items() if v is not None}
     counts = {split: records.option(f"phantom_num_{split}", n)
               for split, n in (("train", num_train), ("validation", num_validation),
                                ("test", num_test))}

@@ -1,6 +1,6 @@
 """Inference API: shapes, normalisation, parity with direct model calls, slice selection, errors.
 
-The helpers `tiny_run` and `random_params` also serve tests/test_export.py.
+The helpers `tiny_run`, `random_params` and `save_workdir` also serve tests/test_export.py.
 """
 
 import json
@@ -62,6 +62,14 @@ def tiny_run(folder, seed: int = 0):
     return config, params
 
 
+def save_workdir(config, params, workdir, step: int) -> None:
+    """Writes a pretraining workdir (config.json and an orbax checkpoint of `params`)."""
+    ckpt = checkpoint.Checkpointer(workdir, asynchronous=False)
+    ckpt.save(step, {"params": params})
+    ckpt.close()
+    checkpoint.save_config(config, workdir)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp("text"))
@@ -99,17 +107,18 @@ def test_matches_direct_model_calls(run, enc, inputs):
     config, params = run
     images, volumes = inputs
     model = UniMedI.from_config(config)
-    cls, _ = model.vit.apply({"params": params["vision"]}, images=images)
+    vit_apply = jax.jit(model.vit.apply)
+    cls, _ = vit_apply({"params": params["vision"]}, images=images)
     np.testing.assert_allclose(enc.encode_xray(images), cls, atol=1e-5)
     ref = _unit(np.asarray(cls, np.float64) @ params["img_proj"]["proj"]["kernel"])
     np.testing.assert_allclose(enc.embed_xray(images), ref, atol=1e-5)
-    cls, _ = model.vit.apply({"params": params["vision"]}, volume=volumes)
+    cls, _ = vit_apply({"params": params["vision"]}, volume=volumes)
     np.testing.assert_allclose(enc.encode_ct(volumes, slices=0), cls, atol=1e-5)
 
     texts = ["No acute findings.", "Small left pleural effusion with basal atelectasis."]
     tok = bert.load_tokenizer(config.model.text.checkpoint)(
         texts, max_length=MAX_LENGTH, padding="max_length", truncation=True, return_tensors="np")
-    hidden = model.text.apply({"params": params["text"]}, tok["input_ids"],
+    hidden = jax.jit(model.text.apply)({"params": params["text"]}, tok["input_ids"],
                               tok["attention_mask"])["last_hidden_state"]
     ref = _unit(np.asarray(hidden[:, 0], np.float64) @ params["txt_proj"]["proj"]["kernel"])
     got = enc.encode_report(texts)
@@ -127,12 +136,12 @@ def test_ct_default_joins_attentive_slices(run, enc, inputs):
     """The default CT form is [volume, its top-k slices by CLS attention], as in training."""
     config, params = run
     _, volumes = inputs
-    vit = UniMedI.from_config(config).vit
-    _, out = vit.apply({"params": params["vision"]}, volume=volumes)
+    vit_apply = jax.jit(UniMedI.from_config(config).vit.apply)
+    _, out = vit_apply({"params": params["vision"]}, volume=volumes)
     scores = np.asarray(out["cls_attn"], np.float64).reshape(2, 4, 16).mean(-1)
     top = np.argsort(-scores, axis=1)[:, :SLICES]
     slices = volumes[np.arange(2)[:, None], top * 2 + 1]  # centre slice of each 2-slice slab
-    ref, _ = vit.apply({"params": params["vision"]}, volume=volumes, images=slices)
+    ref, _ = vit_apply({"params": params["vision"]}, volume=volumes, images=slices)
     np.testing.assert_allclose(enc.encode_ct(volumes), ref, atol=1e-5)
     assert np.abs(enc.encode_ct(volumes) - enc.encode_ct(volumes, slices=0)).max() > 1e-3
     indices, got_scores = enc.select_slices(volumes, SLICES)
@@ -220,10 +229,7 @@ def test_bad_workdir_is_a_clear_error(tmp_path):
 
 def test_load_from_workdir_and_step_folder(run, enc, inputs, tmp_path):
     config, params = run
-    ckpt = checkpoint.Checkpointer(tmp_path, asynchronous=False)
-    ckpt.save(7, {"params": params})
-    ckpt.close()
-    checkpoint.save_config(config, tmp_path)
+    save_workdir(config, params, tmp_path, step=7)
     images, _ = inputs
     want = enc.encode_xray(images)
     for path in (tmp_path, tmp_path / "checkpoints" / "7"):

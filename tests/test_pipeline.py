@@ -23,7 +23,9 @@ LONG_REPORT = " ".join(["Bilateral lower lobe consolidation with air bronchogram
 
 
 def report(index: int) -> str:
-    return LONG_REPORT if index % 5 == 3 else f"Record {index}: nodule in the left lung, 4 mm. Größe ±0."
+    if index % 5 == 3:
+        return LONG_REPORT
+    return f"Record {index}: nodule in the left lung, 4 mm. Größe ±0."
 
 
 class ListSource:
@@ -47,7 +49,8 @@ class ListSource:
         else:
             record["volume"] = rng.integers(-1100, 1100, self.stored).astype(np.int16)
             record["mask"] = (record["volume"] > 900).astype(np.uint8)
-            record["slice_has_finding"] = record["mask"].any(axis=(1, 2)).astype(np.uint8)
+            depth = np.arange(self.stored[0])
+            record["slice_has_finding"] = ((depth + index) % 3 == 0).astype(np.uint8)
         if index in self.broken:
             field, value = self.broken[index]
             if value is None:
@@ -186,6 +189,15 @@ def test_process_shards_are_disjoint_and_cover_the_split(train):
     assert sorted(seen[0] + seen[1]) == list(range(24))
 
 
+def test_augmentation_does_not_depend_on_the_process_count():
+    """Process p of 2 gets global positions p, p + 2, ... with the same crops as one process."""
+    source = ListSource("xray", 8, STORED["xray"])
+    single = take(iter(make(source, batch_size=1, **XRAY)), 8)
+    for p in (0, 1):
+        shard = take(iter(make(source, batch_size=1, process_index=p, process_count=2, **XRAY)), 4)
+        assert_batches_equal(shard, single[p::2])
+
+
 def test_uneven_split_gives_equal_shards():
     source = ListSource("xray", 25, STORED["xray"])
     sizes = []
@@ -210,11 +222,10 @@ def test_restored_iterator_continues_with_the_next_batch():
     assert_batches_equal(take(fresh, 2), expected)
 
 
-def _mixed(workers=0, seed=0):
-    return pipeline.MixedIterator(
-        xray=iter(make(ListSource("xray", 12, STORED["xray"]), seed=seed, worker_count=workers, **XRAY)),
-        ct=iter(make(ListSource("ct", 10, STORED["ct"]), seed=seed, batch_size=3,
-                     worker_count=workers, **CT)))
+def _mixed():
+    return pipeline.MixedIterator(xray=iter(make(ListSource("xray", 12, STORED["xray"]), **XRAY)),
+                                  ct=iter(make(ListSource("ct", 10, STORED["ct"]), batch_size=3,
+                                               **CT)))
 
 
 def test_mixed_iterator_state_round_trip():
@@ -288,9 +299,12 @@ def test_procedural_source_is_the_phantom_generator():
 
 @pytest.mark.parametrize("broken, message", [
     ((3, ("volume", None)), r"toy/train: record 3 lacks field\(s\) \['volume'\]"),
-    ((2, ("volume", np.zeros((6, 10, 10), np.float32))), r"record 2: field 'volume' is float32\[6, 10, 10\], expected int16\[6, 10, 10\]"),
-    ((5, ("volume", np.zeros((6, 10, 9), np.int16))), r"record 5: field 'volume' is int16\[6, 10, 9\]"),
-    ((1, ("labels", np.zeros(4, np.float32))), r"record 1: field 'labels' is float32\[4\], expected float32\[3\]"),
+    ((2, ("volume", np.zeros((6, 10, 10), np.float32))),
+     r"record 2: field 'volume' is float32\[6, 10, 10\], expected int16\[6, 10, 10\]"),
+    ((5, ("volume", np.zeros((6, 10, 9), np.int16))),
+     r"record 5: field 'volume' is int16\[6, 10, 9\]"),
+    ((1, ("labels", np.zeros(4, np.float32))),
+     r"record 1: field 'labels' is float32\[4\], expected float32\[3\]"),
     ((4, ("report", 7)), r"record 4: field 'report' is a int, expected text"),
 ])
 def test_bad_record_is_named(broken, message):
@@ -302,10 +316,13 @@ def test_bad_record_is_named(broken, message):
 def test_bad_first_record_empty_split_and_bad_sizes_fail_at_construction():
     with pytest.raises(ValueError, match="toy/test: the split is empty"):
         make(ListSource("xray", 0, STORED["xray"]), name="toy/test", **XRAY)
-    bad_first = ListSource("xray", 4, STORED["xray"], broken={0: ("image", np.zeros((10, 10), np.int16))})
-    with pytest.raises(ValueError, match=r"toy: record 0: field 'image' is int16\[10, 10\], expected uint8 of rank 2"):
+    bad_first = ListSource("xray", 4, STORED["xray"],
+                           broken={0: ("image", np.zeros((10, 10), np.int16))})
+    with pytest.raises(ValueError, match=r"toy: record 0: field 'image' is int16\[10, 10\], "
+                                         r"expected uint8 of rank 2"):
         make(bad_first, name="toy", **XRAY)
-    with pytest.raises(ValueError, match=r"crop_size \(12, 12\) exceeds the stored image shape \(10, 10\)"):
+    with pytest.raises(ValueError, match=r"crop_size \(12, 12\) exceeds the stored image "
+                                         r"shape \(10, 10\)"):
         make(ListSource("xray", 4, STORED["xray"]), modality="xray", crop_size=12)
     with pytest.raises(ValueError, match="cannot be split over 3 processes"):
         make(ListSource("xray", 2, STORED["xray"]), process_index=0, process_count=3, **XRAY)
@@ -342,7 +359,8 @@ def test_prepared_phantom_split_is_the_start_of_the_procedural_stream(tmp_path):
         np.testing.assert_array_equal(source[i]["volume"], stream[i]["volume"])
         assert text.as_text(source[i]["report"]) == stream[i]["report"]
     batch = next(iter(make(source, train=False, modality="ct", crop_size=(8, 12, 12))))
-    expected = preprocess.preprocess_ct(np.stack([stream[i]["volume"] for i in range(4)]), (8, 12, 12))
+    volumes = np.stack([stream[i]["volume"] for i in range(4)])
+    expected = preprocess.preprocess_ct(volumes, (8, 12, 12))
     np.testing.assert_array_equal(batch["volume"], expected)
     np.testing.assert_array_equal(batch["slice_has_finding"],
                                   np.stack([stream[i]["slice_has_finding"] for i in range(4)]))
@@ -357,8 +375,10 @@ def test_make_mixed_from_config_resumes_exactly(tmp_path, procedural):
     mixed = pipeline.make_mixed(data, tokenizer_folder=tokenizer_folder(),
                                 process_index=0, process_count=1)
     batch = next(mixed)
-    assert batch["xray"]["image"].shape == (4, 12, 12) and batch["xray"]["input_ids"].shape == (4, MAX_LENGTH)
-    assert batch["ct"]["volume"].shape == (2, 8, 12, 12) and batch["ct"]["slice_has_finding"].shape == (2, 8)
+    assert batch["xray"]["image"].shape == (4, 12, 12)
+    assert batch["xray"]["input_ids"].shape == (4, MAX_LENGTH)
+    assert batch["ct"]["volume"].shape == (2, 8, 12, 12)
+    assert batch["ct"]["slice_has_finding"].shape == (2, 8)
     take(mixed, 4)  # past the 8-record prepared splits
     state = mixed.get_state()
     expected = take(mixed, 2)

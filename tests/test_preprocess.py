@@ -130,8 +130,8 @@ def test_flip_equals_np_flip_and_no_flip_by_default():
     out = flip.random_map({"volume": raw}, np.random.default_rng(0))["volume"]
     np.testing.assert_array_equal(out, np.flip(preprocess.normalize_ct(raw), -1))
     keep = transforms.RandomAugment("ct", raw.shape, transforms.AugmentOptions())
-    np.testing.assert_array_equal(keep.random_map({"volume": raw}, np.random.default_rng(0))["volume"],
-                                  preprocess.normalize_ct(raw))
+    out = keep.random_map({"volume": raw}, np.random.default_rng(0))["volume"]
+    np.testing.assert_array_equal(out, preprocess.normalize_ct(raw))
 
 
 def _bilinear_reference(image, coords, cval):

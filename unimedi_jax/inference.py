@@ -8,8 +8,8 @@
     probs = enc.zero_shot(x, ["no finding", "pleural effusion"])          # (B, 2)
 
 Inputs are model inputs (float32, normalised by `data.preprocess`); outputs are numpy float32.
-Every encoder runs jitted, in chunks of at most `batch_size` samples (the last chunk is padded
-to the chunk size, so a long input compiles once).
+Every encoder runs jitted, in zero-padded chunks of `batch_size` samples (or of the power of two
+at or above a smaller input's size), so few input shapes are ever compiled.
 
 CT embeddings follow the run's training form: with slice selection on (`objective.selection.
 mode` not "none") a volume is encoded as `[CLS, 3D tokens, 2D tokens of its top-k slices]`,
@@ -37,7 +37,7 @@ from unimedi_jax.objective.step import logit_scale
 from unimedi_jax.train import checkpoint
 
 Array = jax.Array
-DEFAULT_BATCH_SIZE = 32  # samples per jitted call; fits a ViT-B on CPU memory
+DEFAULT_BATCH_SIZE = 32  # samples per jitted call: memory against per-call overhead
 REQUIRED_PARAMS = ("vision", "text", "img_proj", "txt_proj", "logit_scale")
 
 
@@ -132,7 +132,8 @@ def _as_batch(x, ndim: int, name: str, layout: str) -> np.ndarray:
 class Encoder:
     """A pretrained UniMedI: image, volume and report encoders and the shared embedding space.
 
-    Build with `load(workdir)` or `Encoder.from_params(config, params)`.
+    Build with `load(workdir)` or `Encoder.from_params(config, params)`. `encode_*` give
+    final-norm CLS features, `embed_*` and `encode_report` unit vectors of the shared space.
     """
 
     def __init__(self, model: UniMedI, params: dict, tokenizer, config,
@@ -184,8 +185,6 @@ class Encoder:
             outs.append(jax.tree.map(lambda a: np.asarray(a)[:valid], out))
         return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
-    # ---------------- public API ----------------
-
     def _check_k(self, k: int, depth: int, name: str) -> int:
         """k as an int, checked against the depth-wise slab count of a volume of depth `depth`."""
         slabs = depth // self.model.vit.patch_size_3d[0]
@@ -197,6 +196,8 @@ class Encoder:
     def _ct_slices(self, slices: int | None, volumes: np.ndarray) -> int:
         k = self.default_slices if slices is None else slices
         return self._check_k(k, volumes.shape[1], "slices")
+
+    # ---------------- public API ----------------
 
     def encode_xray(self, images) -> np.ndarray:
         """X-rays float32 (B, H, W) -> final-norm CLS features (B, width)."""
@@ -262,7 +263,8 @@ class Encoder:
         """
         x = np.asarray(volume, np.float32)
         single = x.ndim == 3
-        x = _as_batch(x[None] if single else x, 4, "select_slices", "a volume (D, H, W) or (B, D, H, W)")
+        x = _as_batch(x[None] if single else x, 4, "select_slices",
+                      "a volume (D, H, W) or (B, D, H, W)")
         if k < 1:
             raise ValueError(f"select_slices needs k >= 1, got {k}")
         _, indices, scores = self._batched(_choose_slices, x, k=self._check_k(k, x.shape[1], "k"),

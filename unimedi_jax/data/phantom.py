@@ -113,7 +113,8 @@ class PhantomOptions:
     xray_render_size: int = 48  # in-plane size of the X-ray phantom, upsampled to image_size
     xray_depth_samples: int = 32  # voxels along each X-ray ray (antero-posterior)
     normal_fraction: float = 0.3  # share of examples without findings
-    finding_probs: tuple = (0.5, 0.35, 0.35, 0.3, 0.25)  # per finding in abnormal cases
+    # Per finding in abnormal cases (LABEL_NAMES order); cardiomegaly ~10% overall, as in CheXpert.
+    finding_probs: tuple = (0.5, 0.35, 0.35, 0.3, 0.15)
     ct_noise_hu: float = 20.0  # Gaussian CT noise, standard dose chest CT
     xray_noise: float = 0.01  # Gaussian noise on the [0, 1] radiograph
     min_finding_slices: int = 4  # = 3D patch depth (DESIGN.md section 2)
@@ -293,7 +294,8 @@ def _xray_grid(rng, subject, size, depth_samples):
     fov = max(subject.length / _uniform(rng, XRAY_LUNG_FRACTION),
               2 * XRAY_BODY_MARGIN * subject.body[1])
     spacing = (fov / size, 2 * XRAY_RAY_MARGIN * subject.body[0] / depth_samples, fov / size)
-    return _centred_grid((size, depth_samples, size), spacing, -_uniform(rng, XRAY_TOP_MARGIN) * fov)
+    top = -_uniform(rng, XRAY_TOP_MARGIN) * fov
+    return _centred_grid((size, depth_samples, size), spacing, top)
 
 
 def _centred_grid(shape, spacing, z_top):
@@ -334,13 +336,13 @@ def _sample_findings(rng, subject, present, window, nodule_zones):
 
     window: (z_first, z_last), the depth (mm) of the first and last slice. A lesion of depth
     half-extent h is centred uniformly in [z_first - h, z_last + h] (within its lung), so
-    every depth of the window is covered equally often. Nodules are centred in one of
+    every depth of the window is covered about equally often. Nodules are centred in one of
     `nodule_zones` ((lo, hi) depth ranges, one drawn uniformly), which keep them whole.
     """
     findings = []
 
-    def place(kind, zone, **fields):
-        side = int(rng.integers(2))
+    def place(kind, zone, side=None, **fields):
+        side = int(rng.integers(2)) if side is None else side
         lung = subject.lungs[side]
         lo, hi = max(zone[0], 0.0), min(zone[1], lung["length"])
         centre = _points_in_lung(rng, lung, 1, (lo, hi), FINDING_REACH) if hi >= lo else ()
@@ -372,8 +374,10 @@ def _sample_findings(rng, subject, present, window, nodule_zones):
         severity = str(rng.choice(list(EFFUSION_THICKNESS)))
         half = _uniform(rng, EFFUSION_EXTENT) * subject.length / 2
         thickness = _uniform(rng, EFFUSION_THICKNESS[severity])
-        for _ in range(2 if rng.random() < BILATERAL_EFFUSION else 1):
-            centre = place(EFFUSION, (window[0] - half, window[1] + half), severity=severity)
+        sides = (0, 1) if rng.random() < BILATERAL_EFFUSION else (int(rng.integers(2)),)
+        for side in sides:
+            centre = place(EFFUSION, (window[0] - half, window[1] + half), side,
+                           severity=severity)
             if centre is not None:
                 findings[-1].band = (centre[0] - half, centre[0] + half, thickness)
     if present[CARDIOMEGALY]:

@@ -8,7 +8,7 @@ dicts) into batches per process:
       .map_with_index(CheckRecords)      every record checked against record 0's fields
       .seed(seed).shuffle()              training only: one global permutation per epoch
       .random_map(RandomAugment)         training; CenterCrop (.map) for evaluation
-      .map(Tokenize) .map(...)           report -> input_ids, attention_mask
+      .map(Tokenize)                     report -> input_ids, attention_mask
       [process_index : n : process_count]   this process's shard (n: a multiple of the count)
       .repeat(num_epochs) .batch(B, drop_remainder=True)
       .to_iter_dataset(ReadOptions) [.mp_prefetch(worker_count)]
@@ -20,6 +20,7 @@ so all processes run the same number of steps.
 
 `MixedIterator` steps a 2D and a 3D iterator together; `make_mixed` builds it from `config.data`.
 Iterator states are plain JSON dicts (`get_state` / `set_state`) for the trainer's checkpoint.
+`open_source` opens (and on first use prepares) a data_prep dataset split.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class ProceduralPhantomSource:
 def _size_option(dataset: str, modality: str, stored_size) -> dict:
     """The builder option of the stored size: the phantom's, or data_prep's shared one."""
     if modality == "ct":
-        return {"volume_size" if dataset == "phantom" else "ct_size": tuple(int(s) for s in stored_size)}
+        key = "volume_size" if dataset == "phantom" else "ct_size"
+        return {key: tuple(int(s) for s in stored_size)}
     return {"image_size" if dataset == "phantom" else "xray_size": int(stored_size)}
 
 
@@ -161,7 +163,8 @@ def record_checker(
     CT when record 0 has it) as (D,).
     """
     m = transforms.modality(modality)
-    arrays = {m.key: FieldSpec(np.dtype(m.dtype), m.ndim), "labels": FieldSpec(np.dtype(np.float32), 1)}
+    arrays = {m.key: FieldSpec(np.dtype(m.dtype), m.ndim),
+              "labels": FieldSpec(np.dtype(np.float32), 1)}
     if with_mask:
         arrays["mask"] = FieldSpec(np.dtype(np.uint8), m.ndim)
     if m.ndim == 3 and "slice_has_finding" in first:
@@ -280,7 +283,8 @@ def make_dataset(
         raise ValueError(f"{name}: {num_epochs} epoch(s) of a {len(ds)}-record shard do not fill "
                          f"one batch of {batch_size}")
     ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
-    out = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+    out = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     if worker_count > 0:
         _parse_absl_flags()
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -317,7 +321,8 @@ class MixedIterator:
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if set(state) != set(self.iterators):
-            raise ValueError(f"Iterator state has parts {sorted(state)}, expected {sorted(self.iterators)}")
+            raise ValueError(f"Iterator state has parts {sorted(state)}, expected "
+                             f"{sorted(self.iterators)}")
         for key, it in self.iterators.items():
             it.set_state(state[key])
 
@@ -373,7 +378,8 @@ def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
                                  f"'phantom', not {spec.dataset!r}")
             opts = phantom.PhantomOptions(
                 **{**phantom_extra, **_size_option("phantom", modality, spec.stored_size)})
-            source = ProceduralPhantomSource(modality, phantom.split_seed(opts.seed, spec.split), opts)
+            stream = phantom.split_seed(opts.seed, spec.split)
+            source = ProceduralPhantomSource(modality, stream, opts)
             name = f"procedural {name}"
         else:
             extra = phantom_extra if spec.dataset == "phantom" else {}

@@ -79,10 +79,10 @@ def center_crop(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def preprocess_xray(image: np.ndarray, size: Size) -> np.ndarray:
-    """Stored X-ray uint8 (..., S, S) -> model input float32 (..., size, size): centre crop, normalise."""
+    """Stored X-ray uint8 (..., S, S) -> float32 (..., size, size): centre crop, normalise."""
     return normalize_xray(center_crop(image, as_shape(size, 2)))
 
 
 def preprocess_ct(volume: np.ndarray, size: Size) -> np.ndarray:
-    """Stored CT int16 HU (..., D, H, W) -> model input float32 (..., *size): centre crop, normalise."""
+    """Stored CT int16 HU (..., D, H, W) -> float32 (..., *size): centre crop, normalise."""
     return normalize_ct(center_crop(volume, as_shape(size, 3)))

@@ -41,17 +41,20 @@ def as_text(value: Any) -> str:
     raise TypeError(f"Expected text (str or bytes), got {type(value).__name__}")
 
 
-def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
-    """Texts -> {"input_ids", "attention_mask"} int32 (max_length,) for one text, else (B, max_length)."""
+def tokenize(tokenizer, texts: str | Sequence[str],
+             max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
+    """Text(s) -> {"input_ids", "attention_mask"} int32: (max_length,) for one str, else
+    (B, max_length)."""
     single = isinstance(texts, str)
+    # Python lists, then one conversion: cheaper than return_tensors="np" for short inputs.
     encoded = tokenizer(
         [texts] if single else list(texts),
         max_length=max_length,
-        padding="longest",
+        padding="max_length",
         truncation=True,
-        return_tensors="np",
+        return_token_type_ids=False,
     )
-    out = {key: encoded[key].astype(np.int32) for key in ("input_ids", "attention_mask")}
+    out = {key: np.asarray(encoded[key], np.int32) for key in ("input_ids", "attention_mask")}
     return {key: value[0] for key, value in out.items()} if single else out
 
 

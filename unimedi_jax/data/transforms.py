@@ -116,7 +116,8 @@ def window(
     return np.flip(out, -1) if flip else out
 
 
-def _with_geometry(element: dict, m: Modality, image: np.ndarray, offsets, size, **geometry) -> dict:
+def _with_geometry(element: dict, m: Modality, image: np.ndarray, offsets, size,
+                   **geometry) -> dict:
     """`element` with the transformed image, and the same geometry applied to mask/slice rows."""
     out = dict(element)
     out[m.key] = image

@@ -9,7 +9,8 @@ from absl import app, flags, logging
 
 from unimedi_jax.export import export as export_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (or WORKDIR/checkpoints/<step>).")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Pretraining workdir, or one of its checkpoints/<step> folders.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write; must be absent or empty.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output folder.")

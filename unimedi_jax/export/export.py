@@ -5,7 +5,7 @@ Layout of the output folder OUT:
     vision.safetensors  the ViT under timm `VisionTransformer` names (2D path; the learned 2D
                         modality embedding is folded into `pos_embed`, whose CLS row is zero),
                         plus the 3D tokenizer and the mask embedding:
-                          patch_embed_3d.proj.weight (C, 1, pd, ph, pw), patch_embed_3d.proj.bias (C,)
+                          patch_embed_3d.proj.weight (C, 1, pd, ph, pw), .bias (C,)
                           pos_embed_3d (1, d*h*w, C), depth-major, 3D modality embedding folded in
                           mask_token (1, 1, C) (training only)
     text/               Hugging Face BERT folder (config.json, model.safetensors, tokenizer files):

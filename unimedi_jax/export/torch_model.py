@@ -168,5 +168,6 @@ class UniMedIVisionTorch(VisionTransformer):
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """exp(logit_scale) * cosine similarity: (B, P) for (B, E) and (P, E)."""
-        return self.logit_scale.exp() * F.normalize(image_emb, dim=-1, eps=L2_EPS) @ \
-            F.normalize(text_emb, dim=-1, eps=L2_EPS).T
+        image_emb = F.normalize(image_emb, dim=-1, eps=L2_EPS)
+        text_emb = F.normalize(text_emb, dim=-1, eps=L2_EPS)
+        return self.logit_scale.exp() * image_emb @ text_emb.T

@@ -47,7 +47,8 @@ def linear_resize_weights(n_in, n_out):
 
 
 def resize_linear(image, shape, *, xp=jnp):
-    """Resizes the last two axes of `image` (..., h, w) to `shape` = (H, W) (linear, antialiased)."""
+    """Resizes the last two axes of `image` (..., h, w) to `shape` = (H, W), linear (antialiased
+    when downsampling)."""
     rows = xp.asarray(linear_resize_weights(image.shape[-2], shape[0]), dtype=image.dtype)
     cols = xp.asarray(linear_resize_weights(image.shape[-1], shape[1]), dtype=image.dtype)
     return xp.matmul(xp.matmul(rows, image), cols.T)

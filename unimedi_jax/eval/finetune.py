@@ -1,0 +1,82 @@
+"""Full fine-tuning for classification (paper §4.2 Table 3, appendix 7.1: CC-CCII, LUNA16).
+
+The whole encoder and a linear head on its [CLS] train together with AdamW on augmented
+training batches (`pipeline.make_dataset(train=True)`), with early stopping on the validation
+loss; the weights of the lowest validation loss are scored on the test split with the
+metrics of `linear_probe` (macro AUROC / AUROC / accuracy by `config.label_type`). Written for
+volumes (the paper's use), it serves X-rays alike (`data.modality`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimedi_jax.data import pipeline
+from unimedi_jax.eval import features, linear_probe, tasks
+
+
+def make_loss(vit, head: nn.Module, modality: str, columns, label_type: str):
+    """loss(trainable {"vision", "head"}, frozen, batch, weights) and logits(params, batch)."""
+    columns = np.asarray(columns)
+
+    def logits(params, batch):
+        cls, _ = vit.apply({"params": params["vision"]}, **features.vit_inputs(batch, modality))
+        return head.apply({"params": params["head"]}, cls).astype(jnp.float32)
+
+    def batch_targets(labels):
+        labels = labels[:, columns]
+        return jnp.argmax(labels, axis=1) if label_type == "multiclass" else labels
+
+    def loss(params, frozen, batch, weights):
+        del frozen
+        return linear_probe.classification_loss(logits(params, batch),
+                                                batch_targets(batch["labels"]), weights,
+                                                label_type)
+
+    return loss, logits
+
+
+def run(config, workdir: str) -> dict:
+    """Fine-tunes at every label fraction; writes WORKDIR/results.json."""
+    sources, label_names = tasks.open_splits(config.data)
+    columns = tasks.label_columns(label_names, config.data.labels)
+    names = [label_names[c] for c in columns]
+    modality = config.data.modality
+    loaded = tasks.load_model(config, with_text=False)
+    vit = loaded.model.vit
+    head = nn.Dense(len(columns))
+    loss, logits = make_loss(vit, head, modality, columns, config.label_type)
+    predict = jax.jit(lambda params, batch: {"logits": logits(params, batch)})
+    eval_batches = lambda split: features.eval_batches(
+        sources[split], modality=modality, crop_size=config.data.crop_size,
+        batch_size=config.batch_size, name=tasks.split_name(config.data, split))
+    # Checks the label type of every split's labels before training.
+    test_labels = features.apply_batched(None, None, eval_batches("test"), keep=("labels",))
+    test_targets = tasks.targets(test_labels["labels"][:, columns], config.label_type,
+                                 tasks.split_name(config.data, "test"))
+
+    results = {}
+    for fraction in config.fractions:
+        rows = tasks.fraction_indices(len(sources["train"]), fraction, config.seed)
+        train = pipeline.make_dataset(
+            features.Subset(sources["train"], rows), modality=modality,
+            batch_size=config.optim.batch_size, train=True, crop_size=config.data.crop_size,
+            tokenizer_folder=None, seed=config.seed,
+            name=tasks.split_name(config.data, "train"), process_index=0, process_count=1)
+        params = {"vision": loaded.params["vision"],
+                  "head": head.init(jax.random.key(config.seed),
+                                    jnp.zeros((1, vit.width)))["params"]}
+        params, history = tasks.fit(
+            loss, params, None, tasks.adamw(config.optim), iter(train),
+            -(-len(rows) // config.optim.batch_size), lambda: eval_batches("validation"),
+            max_epochs=config.optim.max_epochs, patience=config.optim.patience)
+        test = features.apply_batched(predict, params, eval_batches("test"))["logits"]
+        results[f"{fraction:g}"] = {
+            "num_train": int(len(rows)),
+            **linear_probe.classification_metrics(test, test_targets, config.label_type, names),
+            "best_epoch": history["best_epoch"], "epochs_run": history["epochs_run"]}
+    return tasks.write_results(workdir, config, loaded, {
+        "metrics": results, "labels": names, "label_type": config.label_type})

@@ -1,0 +1,143 @@
+"""Semantic segmentation on the encoder (paper §4.3 Tables 4 and 6, appendix 7.2).
+
+- 2D (RSNA in the paper): a SETR-PUP decoder on the frozen encoder, one sigmoid channel,
+  loss alpha * focal + dice (alpha = 10).
+- 3D (BCV in the paper): a UNETR decoder, the whole model trained, softmax over the classes,
+  loss Dice + cross-entropy.
+Both are `config.decoder` / `config.loss` / `config.train_encoder` choices over one training
+path, for X-rays and volumes alike. Targets come from the records' `mask` (class c = label
+c - 1, docs/CONTRACTS.md): `data.seg_classes` picks label names (() = all) that become classes
+1..C in that order, everything else background; `data.seg_binary` merges them into one
+foreground class (required by the focal + dice loss). Training batches are augmented
+(`pipeline.make_dataset(train=True, with_mask=True)`: geometry applies to the mask, nearest
+neighbour); early stopping on the validation loss; the test split is scored by Dice
+(`metrics.dice_summary`: per foreground class and their mean).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimedi_jax.data import pipeline
+from unimedi_jax.eval import decoders, features, losses, metrics, tasks
+
+DECODERS = ("setr_pup", "unetr")
+LOSSES = ("focal_dice", "dice_ce")
+MASK_VALUES = 256  # uint8 mask values
+
+
+def class_table(label_names, seg_classes, binary: bool) -> tuple[np.ndarray, list[str]]:
+    """Lookup (256,) int32 from stored mask value to target class, and the class names
+    (background first)."""
+    columns = tasks.label_columns(label_names, seg_classes)
+    table = np.zeros(MASK_VALUES, np.int32)
+    for i, c in enumerate(columns):
+        table[c + 1] = 1 if binary else i + 1
+    names = ["background"] + (["foreground"] if binary else [label_names[c] for c in columns])
+    return table, names
+
+
+def make_decoder(config, vit, num_classes: int):
+    """The decoder of config.decoder for this encoder."""
+    patch = vit.patch_size_3d if config.data.modality == "ct" else (vit.patch_size,) * 2
+    if config.decoder == "setr_pup":
+        return decoders.SETRPUP(num_classes, tuple(patch), channels=config.setr.channels,
+                                norm_groups=config.setr.norm_groups)
+    if config.decoder == "unetr":
+        return decoders.UNETR(num_classes, tuple(patch), depth=vit.depth,
+                              feature_size=config.unetr.feature_size)
+    raise ValueError(f"config.decoder={config.decoder!r}; choose one of {DECODERS}")
+
+
+def make_model(config, vit, decoder, table: np.ndarray):
+    """loss(trainable, frozen, batch, weights) and predict(params, batch) -> {"pred", "target"}.
+
+    params = {"vision", "decoder"}, split into trainable / frozen by config.train_encoder.
+    The decoder's logits have one channel for focal_dice (foreground), else one per class.
+    """
+    modality = config.data.modality
+    collected = sorted(set(decoder.skip_layers))  # the ViT returns each block once, in order
+    vit = vit.clone(intermediate_layers=tuple(collected))
+    table = jnp.asarray(table)
+    if config.loss not in LOSSES:
+        raise ValueError(f"config.loss={config.loss!r}; choose one of {LOSSES}")
+
+    def logits(params, batch):
+        x = jnp.asarray(batch[features.input_key(modality)])
+        _, out = vit.apply({"params": params["vision"]}, **features.vit_inputs(batch, modality))
+        grid = out["grid_3d"] if modality == "ct" else out["grid_2d"]
+        layers = [out["layers"][collected.index(i)] for i in decoder.skip_layers]
+        return decoder.apply({"params": params["decoder"]}, x, out["tokens"], layers, grid)
+
+    def loss(trainable, frozen, batch, weights):
+        y = logits({**frozen, **trainable}, batch)
+        target = table[batch["mask"]]
+        if config.loss == "focal_dice":
+            return losses.focal_dice_loss(y[..., 0], target, config.focal_alpha, weights)
+        return losses.dice_ce_loss(y, target, weights)
+
+    def predict(params, batch):
+        y = logits(params, batch)
+        pred = (y[..., 0] > 0).astype(jnp.int32) if config.loss == "focal_dice" else y.argmax(-1)
+        return {"pred": pred.astype(jnp.uint8), "target": table[batch["mask"]].astype(jnp.uint8)}
+
+    return loss, predict
+
+
+def run(config, workdir: str) -> dict:
+    """Trains the decoder (and the encoder with train_encoder) at every label fraction and
+    scores Dice on the test split; writes WORKDIR/results.json."""
+    if config.loss == "focal_dice" and not config.data.seg_binary:
+        raise ValueError("config.loss='focal_dice' is binary: set config.data.seg_binary=True")
+    sources, label_names = tasks.open_splits(config.data)
+    table, class_names = class_table(label_names, config.data.seg_classes, config.data.seg_binary)
+    modality = config.data.modality
+    loaded = tasks.load_model(config, with_text=False)
+    vit = loaded.model.vit
+    decoder = make_decoder(config, vit, 1 if config.loss == "focal_dice" else len(class_names))
+    loss, predict = make_model(config, vit, decoder, table)
+    predict = jax.jit(predict)
+    eval_batches = lambda split: features.eval_batches(
+        sources[split], modality=modality, crop_size=config.data.crop_size,
+        batch_size=config.batch_size, fields=("mask",), name=tasks.split_name(config.data, split))
+
+    results = {}
+    for fraction in config.fractions:
+        rows = tasks.fraction_indices(len(sources["train"]), fraction, config.seed)
+        train = pipeline.make_dataset(
+            features.Subset(sources["train"], rows), modality=modality,
+            batch_size=config.optim.batch_size, train=True, crop_size=config.data.crop_size,
+            tokenizer_folder=None, seed=config.seed, with_mask=True,
+            name=tasks.split_name(config.data, "train"), process_index=0, process_count=1)
+        sample = next(iter(eval_batches("validation")))[0]
+        params = {"vision": loaded.params["vision"],
+                  "decoder": _init_decoder(vit, decoder, sample, modality, config.seed)}
+        keys = ("vision", "decoder") if config.train_encoder else ("decoder",)
+        trainable = {k: params[k] for k in keys}
+        frozen = {k: v for k, v in params.items() if k not in keys}
+        trainable, history = tasks.fit(
+            loss, trainable, frozen, tasks.adamw(config.optim), iter(train),
+            -(-len(rows) // config.optim.batch_size), lambda: eval_batches("validation"),
+            max_epochs=config.optim.max_epochs, patience=config.optim.patience)
+        test = features.apply_batched(predict, {**frozen, **trainable}, eval_batches("test"))
+        summary = metrics.dice_summary(test["pred"], test["target"],
+                                       2 if config.data.seg_binary else len(class_names))
+        results[f"{fraction:g}"] = {
+            "num_train": int(len(rows)), "dice": summary["dice"],
+            "dice_per_class": dict(zip(class_names[1:], summary["dice_per_class"])),
+            "best_epoch": history["best_epoch"], "epochs_run": history["epochs_run"]}
+    return tasks.write_results(workdir, config, loaded, {
+        "metrics": results, "classes": class_names, "decoder": config.decoder})
+
+
+def _init_decoder(vit, decoder, batch, modality: str, seed: int) -> dict:
+    """Decoder params for the input shape of `batch` (tokens of the encoder's width)."""
+    x = jnp.asarray(batch[features.input_key(modality)])
+    grid = tuple(s // p for s, p in zip(x.shape[1:], decoder.patch))
+    tokens = jnp.zeros((x.shape[0], math.prod(grid), vit.width))
+    layers = [tokens] * len(decoder.skip_layers)
+    return jax.jit(lambda: decoder.init(jax.random.key(seed), x, tokens, layers, grid))()["params"]
