@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 
 from unimedi_jax.export import export as export_lib
@@ -19,7 +21,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    out = export_lib.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _OVERWRITE.value)
+    try:
+        out = export_lib.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _OVERWRITE.value)
+    except (FileNotFoundError, FileExistsError) as e:  # a wrong path: the message says it all
+        sys.exit(f"error: {e}")
     logging.info("Exported %s to %s", _WORKDIR.value, out)
 
 

@@ -240,7 +240,7 @@ def make_train_step(model: UniMedI, config, optimizer: optax.GradientTransformat
         loss, grads, metrics, centers = pretrain_step(
             state["params"], state["teacher"], state["centers"], batch,
             jax.random.fold_in(rng, step), step, model=model, config=config)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
