@@ -50,8 +50,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         trainable_layers=1,             # DESIGN §6 prototype: frozen MiniLM + 1 trainable layer
                                         #   (n: the last n layers train; -1: all, embeddings too)
         dtype="float32",                # compute dtype; "bfloat16" on accelerators
-        max_length=64,                  # CPU: phantom reports fit 64 tokens (paper/DESIGN: 112)
-    ))
+        max_length=ml_collections.FieldReference(64),  # CPU: phantom reports fit 64 tokens
+    ))                                  #   (paper/DESIGN: 112)
     c.model.proj_dim = 128              # CPU (paper scale: 256, DESIGN)
     c.model.dino = ml_collections.ConfigDict(dict(
         hidden_dim=256, bottleneck_dim=64, out_dim=1024,  # CPU (paper: 2048-2048-256, K=8192)
@@ -111,7 +111,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.batch_size_xray = 16         # CPU (paper: 144 in all)
     c.data.batch_size_ct = 16
     c.data.worker_count = 0             # CPU: 2 cores go to the train step
-    c.data.prefetch = 2
+    c.data.prefetch = 2                 # batches placed on devices ahead of the step
+    c.data.seed = c.get_ref("seed")     # shuffling and augmentation
+    c.data.max_length = c.model.text.get_ref("max_length")
 
     # ---------------- evaluation during and after training ----------------
     c.eval = ml_collections.ConfigDict(dict(

@@ -26,6 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.text.num_layers = 6                    # MGCA: first 6 of 12 layers
     config.model.text.trainable_layers = -1             # MGCA: freeze_bert=False, all of it trains
     config.model.text.dtype = "bfloat16"                # compute dtype on accelerators
+    config.model.text.max_length = 112                  # DESIGN §3 (MGCA): 112 report tokens
     config.model.proj_dim = 256                         # MGCA: 128; A-CLIP/CLIP ViT-B: 512; DESIGN: 256
     config.model.dino.update(hidden_dim=2048, bottleneck_dim=256, out_dim=8192)  # DESIGN §4.5
 

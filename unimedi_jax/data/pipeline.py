@@ -26,11 +26,13 @@ Iterator states are plain JSON dicts (`get_state` / `set_state`) for the trainer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from unimedi_jax.data import phantom, preprocess, text, transforms
@@ -395,3 +397,57 @@ def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
             process_index=process_index, process_count=process_count,
             worker_count=data.worker_count))
     return MixedIterator(**iterators)
+
+
+# ---------------------------------------------------------------- pretraining data
+
+
+@dataclasses.dataclass
+class PretrainData:
+    """Everything a pretraining run reads: the training iterator and the evaluation sources.
+
+    val_ct / val_xray: `config.eval.split` of each modality's dataset; train_ct: the stored
+    training volumes (their finding positions give the fixed slab-position baseline).
+    """
+
+    config: Any
+    tokenizer_folder: str
+
+    def train_iterator(self) -> MixedIterator:
+        return make_mixed(self.config.data, tokenizer_folder=self.tokenizer_folder)
+
+    def source(self, modality: str, split: str):
+        data = self.config.data
+        spec = data[modality]
+        extra = dict(data.get("phantom") or {}) if spec.dataset == "phantom" else {}
+        return open_source(spec.dataset, modality, split, data_dir=data.data_dir,
+                           stored_size=spec.stored_size,
+                           options={**extra, **dict(spec.get("options") or {})})
+
+    @functools.cached_property
+    def val_ct(self):
+        return self.source("ct", self.config.eval.split) if self.config.data.batch_size_ct else None
+
+    @functools.cached_property
+    def val_xray(self):
+        return (self.source("xray", self.config.eval.split)
+                if self.config.data.batch_size_xray else None)
+
+    @functools.cached_property
+    def train_ct(self):
+        return self.source("ct", "train") if self.config.data.batch_size_ct else None
+
+
+def make_pretrain_data(config) -> PretrainData:
+    """Prepares the datasets the config names (process 0 builds, the others wait)."""
+    from unimedi_jax.models import bert
+
+    data = PretrainData(config, config.model.text.checkpoint or bert.default_checkpoint())
+    if jax.process_index() == 0:
+        for modality in ("ct", "xray"):
+            if config.data[f"batch_size_{modality}"]:
+                data.source(modality, config.eval.split)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("unimedi_jax: datasets prepared")
+    return data

@@ -151,11 +151,15 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def ct_inputs(model, params: dict, volume: jax.Array, selection_cfg) -> tuple[dict, jax.Array]:
-    """Pretraining-style CT input (volume + selected slices) and the slab scores (B, d) of the
-    encoder's own CLS attention on the volume alone."""
+def slab_scores(model, params: dict, volume: jax.Array) -> jax.Array:
+    """Eq. 2 slab scores (B, d) of the encoder's own CLS attention on the volume alone."""
     _, out = model.encode_image(params, volume=volume)
-    scores = selection.slice_scores(out["cls_attn"], out["grid_3d"])
+    return selection.slice_scores(out["cls_attn"], out["grid_3d"])
+
+
+def ct_inputs(model, params: dict, volume: jax.Array, selection_cfg) -> tuple[dict, jax.Array]:
+    """Pretraining-style CT input (volume + selected slices) and the `slab_scores` (B, d)."""
+    scores = slab_scores(model, params, volume)
     if selection_cfg.mode == "none":
         return {"volume": volume}, scores
     slices, _ = selection.select_slices(volume, scores, selection_cfg.k, selection_cfg.slice_mode,

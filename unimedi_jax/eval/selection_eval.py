@@ -11,8 +11,9 @@ choice scores 0 there). Baselines on the same volumes:
 - prior: one fixed ranking of slab positions for every volume, by how often each position held
   a finding in the training split (ties to the lower index): what absolute depth alone gives.
 
-`run(config, workdir)` scores the encoder of `config.init_from` (the student; empty: a random
-encoder) on the test split and writes WORKDIR/results.json.
+`run(config, workdir)` scores the encoder of `config.init_from` (its student, or the EMA
+teacher with `config.init_params="teacher"`; empty: a random encoder) on the test split, with
+the prior from the training split, and writes WORKDIR/results.json.
 """
 
 from __future__ import annotations
@@ -71,39 +72,45 @@ def selection_precision(scores: np.ndarray, truth: np.ndarray, k: int,
     }
 
 
-def slab_scores_and_truth(model, params: dict, source, config, name: str
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def scores_and_truth(model, params: dict, source, *, crop_size, batch_size: int, name: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """The encoder's slab scores (N, d) and the slab truth (N, d) of a CT source."""
-    batches = features.eval_batches(
-        source, modality="ct", crop_size=config.data.crop_size, batch_size=config.batch_size,
-        fields=("slice_has_finding",), name=name)
-    fn = jax.jit(features.clip_embeddings(model, "ct", config.selection, with_text=False))
+    batches = features.eval_batches(source, modality="ct", crop_size=crop_size,
+                                    batch_size=batch_size, fields=("slice_has_finding",),
+                                    name=name)
+    fn = jax.jit(lambda p, batch: {"scores": features.slab_scores(model, p, batch["volume"])})
     out = features.apply_batched(fn, params, batches, keep=("slice_has_finding",))
+    return out["scores"], slab_truth(_flags(out, name), model.vit.patch_size_3d[0])
+
+
+def truth_only(source, *, crop_size, batch_size: int, patch_depth: int, name: str) -> np.ndarray:
+    """Slab truth (N, d) of a CT source (e.g. the training split, for the prior)."""
+    batches = features.eval_batches(source, modality="ct", crop_size=crop_size,
+                                    batch_size=batch_size, fields=("slice_has_finding",),
+                                    name=name)
+    out = features.apply_batched(None, None, batches, keep=("slice_has_finding",))
+    return slab_truth(_flags(out, name), patch_depth)
+
+
+def _flags(out: dict, name: str) -> np.ndarray:
     if "slice_has_finding" not in out:
-        raise ValueError(f"{name}: the records have no slice_has_finding (only the phantom has "
-                         "ground-truth finding slices)")
-    return out["slab_scores"], slab_truth(out["slice_has_finding"], model.vit.patch_size_3d[0])
-
-
-def train_truth(source, config, patch_depth: int, name: str) -> np.ndarray:
-    """Slab truth (N, d) of the first config.prior_examples records of a CT source."""
-    batches = features.eval_batches(
-        features.head(source, config.prior_examples), modality="ct",
-        crop_size=config.data.crop_size, batch_size=config.batch_size,
-        fields=("slice_has_finding",), name=name)
-    return slab_truth(features.apply_batched(None, None, batches, keep=("slice_has_finding",))
-                      ["slice_has_finding"], patch_depth)
+        raise ValueError(f"{name}: the records have no slice_has_finding (ground-truth finding "
+                         "slices; the phantom has them)")
+    return out["slice_has_finding"]
 
 
 def run(config, workdir: str) -> dict:
-    """Slice-selection precision@k on config.data.test_split; writes WORKDIR/results.json."""
-    splits, _ = tasks.open_splits(config.data, ("train", "test"))
+    """Slice-selection precision@k on the test split; writes WORKDIR/results.json."""
+    if config.data.modality != "ct":
+        raise ValueError("slice selection needs volumes: set config.data.modality='ct'")
+    sources, _ = tasks.open_splits(config.data, ("train", "test"))
     loaded = tasks.load_model(config, with_text=False)
-    test = features.head(splits["test"], config.max_examples)
-    scores, truth = slab_scores_and_truth(loaded.model, loaded.params, test, config,
-                                          tasks.split_name(config.data, "test"))
-    prior = prior_ranking(train_truth(splits["train"], config, loaded.model.vit.patch_size_3d[0],
-                                      tasks.split_name(config.data, "train")))
+    common = dict(crop_size=config.data.crop_size, batch_size=config.batch_size)
+    scores, truth = scores_and_truth(loaded.model, loaded.params, sources["test"], **common,
+                                     name=tasks.split_name(config.data, "test"))
+    prior = prior_ranking(truth_only(sources["train"], **common,
+                                     patch_depth=loaded.model.vit.patch_size_3d[0],
+                                     name=tasks.split_name(config.data, "train")))
     metrics = {f"k={k}": selection_precision(scores, truth, k, prior) for k in config.ks}
     return tasks.write_results(workdir, config, loaded, {"metrics": metrics,
                                                          "prior_ranking": prior.tolist()})

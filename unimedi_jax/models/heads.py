@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# DINO initialises the MLP with trunc_normal(std=0.02) and zero biases.
+# DINO initialises the MLP with trunc_normal(std=0.02) and zero biases (jax truncates at 2 std).
 DINO_INIT_STD = 0.02
 # torch.nn.Linear's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), used by DINO's last layer.
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

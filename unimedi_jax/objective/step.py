@@ -227,8 +227,9 @@ def make_train_step(model: UniMedI, config, optimizer: optax.GradientTransformat
     updated student, as DINO), and the new centres. `rng` is a base key: the step number is
     folded in here. metrics add grad_norm, lr, ema_momentum and `finite` (loss and gradient
     norm finite); with config.on_nonfinite == "skip" a non-finite step leaves the state as it
-    was except `step` (selected with jnp.where, no host round trip). "stop" leaves the decision
-    to the caller, which reads `finite`.
+    was except `step` (selected with jnp.where, no host round trip; the optimiser's own step
+    count, hence its learning-rate schedule, does not advance on a skipped step). "stop" leaves
+    the decision to the caller, which reads `finite`.
     """
     if config.on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite={config.on_nonfinite!r}; expected one of {ON_NONFINITE}")

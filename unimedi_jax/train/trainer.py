@@ -92,6 +92,10 @@ class _Preemption:
 
 
 def _host(tree: Any) -> Any:
+    """Device arrays -> numpy on every process (sharded leaves are gathered first)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
@@ -134,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
 
-    abstract = jax.eval_shape(setup.init, init_rng, data.sample_batch)
+    abstract = jax.eval_shape(setup.init, init_rng)
     state_sharding = shd.state_shardings(mesh, abstract)
     batch_sharding = shd.batch_sharding(mesh)
     repl = shd.replicated(mesh)
@@ -143,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = checkpointer.latest_step()
     train_iter = data.train_iterator()
     if start is None:
-        state = jax.jit(setup.init, out_shardings=state_sharding)(init_rng, data.sample_batch)
+        state = jax.jit(setup.init, out_shardings=state_sharding)(init_rng)
         start = 0
     else:
         logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
@@ -156,7 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = jax.jit(setup.train_step, in_shardings=(state_sharding, batch_sharding, repl),
                      out_shardings=(state_sharding, repl), donate_argnums=(0,))
     writer = writers.Writer(workdir, resume_step=start)
-    evaluate = lambda s: pretrain_eval.evaluate(_host(s["params"]), config, data)
+    evaluate = lambda s: pretrain_eval.evaluate(_host(s["params"]), config, data.val_ct,
+                                                data.val_xray, data.train_ct)
 
     summary_init = _initial_eval(workdir, start, state, evaluate, writer)
     prefetch = Prefetcher(train_iter, lambda b: shd.put_batch(b, mesh), config.data.prefetch)

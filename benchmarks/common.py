@@ -1,0 +1,389 @@
+"""Shared benchmark helpers: presets, the JAX setup, synthetic batches, timing, matmul peak,
+FLOP counts (analytic and from the compiled HLO), memory and collective bytes.
+
+A preset is a pretraining config sized for a benchmark:
+
+    tiny     test-size model (the smoke test); random-init text encoder
+    cpu      configs/pretrain.py unchanged (the embedded default; bundled MiniLM text encoder)
+    vits16   the paper config (configs/pretrain_vitb16.py) with a ViT-S/16 backbone
+    vitb16   the paper config
+
+The paper presets run in float32 without remat (CPU has no fast bf16 path, and remat is a
+memory knob the small batches here do not need) and use a random-init text encoder with
+BioClinicalBERT's sizes (that checkpoint is not available offline); only its config.json is
+written, to a temporary folder, because the model reads the text architecture from there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import pretrain, pretrain_vitb16
+from unimedi_jax.models import bert
+from unimedi_jax.models.unimedi import UniMedI
+from unimedi_jax.objective import masking
+from unimedi_jax.objective import step as step_lib
+from unimedi_jax.objective.optim import make_optimizer
+
+# emilyalsentzer/Bio_ClinicalBERT config.json (DESIGN §3): cased BERT-base vocabulary.
+BIOCLINICALBERT = bert.BertConfig(vocab_size=28996, hidden_size=768, num_hidden_layers=12,
+                                  num_attention_heads=12, intermediate_size=3072,
+                                  max_position_embeddings=512)
+# The smoke-test text encoder (sizes of tests/test_step.py's tiny BERT).
+TINY_BERT = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=32,
+                            max_position_embeddings=16)
+PRESETS = ("tiny", "cpu", "vits16", "vitb16")
+PAPER_BATCH = (2, 2)  # (X-rays, CT volumes) per step for the paper presets on CPU
+# Matmul size for the peak rate: large enough that a float32 matmul is compute bound on CPU
+# (2 * 2048^3 = 17 GFLOP, ~0.1-0.2 s on 2 cores).
+PEAK_MATMUL_SIZE = 2048
+PEAK_MATMUL_REPEATS = 10
+DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
+               "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+
+
+# ---------------------------------------------------------------- presets and setup
+
+def write_text_config(text: bert.BertConfig) -> str:
+    """A temporary folder holding only `text`'s config.json (removed at exit)."""
+    folder = tempfile.mkdtemp(prefix="unimedi_bench_text_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with open(os.path.join(folder, bert.CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(text.to_hf_dict(), f)
+    return folder
+
+
+def paper_config(variant: str = "B/16", text_layers: int | None = None):
+    """configs/pretrain_vitb16.py with a random-init BioClinicalBERT-sized text encoder of
+    `text_layers` layers (default: the config's model.text.num_layers); returns the config."""
+    config = pretrain_vitb16.get_config()
+    config.model.vit.variant = variant
+    layers = text_layers or config.model.text.num_layers
+    text = dataclasses.replace(BIOCLINICALBERT, num_hidden_layers=layers)
+    config.model.text.checkpoint = write_text_config(text)
+    config.model.text.num_layers = layers
+    return config
+
+
+def preset_config(name: str, batch: tuple[int, int] | None = None):
+    """(config, random_text) of a preset; `batch` = (X-rays, CT volumes) overrides its batch."""
+    if name == "tiny":
+        config = pretrain.get_config()
+        config.model.vit.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                                patch_size_3d=(2, 8, 8), image_size=16, volume_size=(8, 16, 16))
+        config.data.xray.update(stored_size=16, crop_size=16)
+        config.data.ct.update(stored_size=(8, 16, 16), crop_size=(8, 16, 16))
+        config.model.text.update(checkpoint=write_text_config(TINY_BERT), max_length=8)
+        config.model.proj_dim = 16
+        config.model.dino.update(hidden_dim=32, bottleneck_dim=16, out_dim=64)
+        config.objective.selection.k = 2
+        config.data.batch_size_xray, config.data.batch_size_ct = 4, 2
+        config.optim.warmup_steps = 0  # full-size updates from step 0: losses after the first
+        random_text = True               # steps then depend on the optimiser, EMA and centres
+    elif name == "cpu":
+        config, random_text = pretrain.get_config(), False
+    elif name in ("vits16", "vitb16"):
+        config = paper_config("S/16" if name == "vits16" else "B/16")
+        config.model.vit.update(dtype="float32", remat=False)
+        config.model.text.dtype = "float32"
+        config.data.batch_size_xray, config.data.batch_size_ct = PAPER_BATCH
+        random_text = True
+    else:
+        raise ValueError(f"--preset={name!r}; expected one of {PRESETS}")
+    if batch is not None:
+        config.data.batch_size_xray, config.data.batch_size_ct = batch
+    return config, random_text
+
+
+def make_setup(config, random_text: bool) -> step_lib.Setup:
+    """`objective.step.make_setup`, or, with `random_text`, the same with a random-init text
+    encoder (whose config.json is at config.model.text.checkpoint)."""
+    if not random_text:
+        return step_lib.make_setup(config)
+    model = UniMedI.from_config(config)
+    optimizer = make_optimizer(config)
+
+    def init(rng: jax.Array, sample_batch: Any = None) -> dict:
+        del sample_batch
+        r_model, r_text = jax.random.split(rng)
+        ids = jnp.ones((1, 1), jnp.int32)
+        params = {**model.init_random(r_model),
+                  "text": model.text.init(r_text, ids, ids)["params"]}
+        return step_lib.init_state(model, params, optimizer)
+
+    return step_lib.Setup(model, optimizer, init,
+                          step_lib.make_train_step(model, config, optimizer))
+
+
+def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
+    """A random batch with the shapes of the config's pipelines (docs/CONTRACTS.md): normal
+    pixels, random token ids, reports of random length between half and all of max_length."""
+    rng = np.random.default_rng(seed)
+    t = config.model.text.max_length
+
+    def text(b: int) -> dict:
+        lengths = rng.integers(t // 2, t + 1, size=b)
+        return dict(input_ids=rng.integers(1, vocab_size, (b, t)).astype(np.int32),
+                    attention_mask=(np.arange(t) < lengths[:, None]).astype(np.int32))
+
+    s = config.data.xray.crop_size
+    b2, b3 = config.data.batch_size_xray, config.data.batch_size_ct
+    return {"xray": dict(image=rng.standard_normal((b2, s, s), np.float32), **text(b2)),
+            "ct": dict(volume=rng.standard_normal((b3, *config.data.ct.crop_size), np.float32),
+                       **text(b3))}
+
+
+# ---------------------------------------------------------------- timing and the machine
+
+def time_calls(fn: Callable[[], Any], count: int) -> list[float]:
+    """Seconds of each of `count` calls of fn (fn must block until its work is done)."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak_flops(size: int = PEAK_MATMUL_SIZE, repeats: int = PEAK_MATMUL_REPEATS) -> float:
+    """FLOP/s of the fastest of `repeats` jitted float32 (size x size) matmuls on this device."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = min(time_calls(lambda: matmul(a, b).block_until_ready(), repeats))
+    return 2 * size ** 3 / best
+
+
+def machine() -> dict:
+    """CPU model, cores, memory (GiB), the 1-minute load average and library versions."""
+    model = platform.processor() or platform.machine()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
+    except (OSError, subprocess.CalledProcessError, AttributeError):
+        pass
+    mem_kb = 0
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            mem_kb = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1))
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2 ** 20, 1),
+            "load_1min": round(os.getloadavg()[0], 2), "jax": jax.__version__,
+            "device": jax.devices()[0].device_kind}
+
+
+def emit(result: dict) -> None:
+    """Prints the result as the last output line, one JSON object."""
+    print(json.dumps(result, sort_keys=True), flush=True)
+
+
+# ---------------------------------------------------------------- compiled-step analysis
+
+def xla_flops(compiled) -> float:
+    """`compiled.cost_analysis()["flops"]` (every op: matmuls, elementwise, reductions)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def memory_bytes(compiled) -> dict:
+    """`compiled.memory_analysis()` sizes; peak = arguments + outputs + temporaries - aliased
+    (donated arguments reused as outputs are counted once)."""
+    m = compiled.memory_analysis()
+    out = {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+           "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                         - out["alias_bytes"])
+    return out
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+    """'TYPE opcode(...)...' -> (TYPE, 'opcode(...)...'); TYPE may be a parenthesised tuple."""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                return rest[:i + 1], rest[i + 1:].strip()
+    head, _, tail = rest.partition(" ")
+    return head, tail
+
+
+def _shapes(type_str: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in
+            _ARRAY.findall(type_str)]
+
+
+def hlo_instructions(hlo_text: str) -> list[tuple[str, str, str, list[str], str]]:
+    """(name, result type, opcode, operand names, attributes) of every HLO instruction."""
+    out = []
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        type_str, op = _split_type(match.group(2))
+        opcode, _, args = op.partition("(")
+        operands, _, attrs = args.partition(")")
+        out.append((match.group(1), type_str, opcode.strip(), re.findall(r"%([\w.\-]+)", operands),
+                    attrs))
+    return out
+
+
+def hlo_matmul_flops(hlo_text: str) -> float:
+    """FLOPs of the dots and convolutions in an (optimised) HLO module, each counted once
+    (right for the train step: it has no loops). dot: 2 * |out| * prod(lhs contracting dims);
+    convolution: 2 * |out| * |kernel| / kernel output features."""
+    instructions = hlo_instructions(hlo_text)
+    shapes = {name: _shapes(t) for name, t, *_ in instructions}
+    total = 0.0
+    for name, type_str, opcode, operands, attrs in instructions:
+        if opcode not in ("dot", "convolution"):
+            continue
+        out = math.prod(_shapes(type_str)[0][1])
+        if opcode == "dot":
+            lhs = shapes[operands[0]][0][1]
+            dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
+            total += 2 * out * math.prod(lhs[int(d)] for d in dims.split(",") if d)
+        else:
+            kernel = shapes[operands[1]][0][1]
+            labels = re.search(r"dim_labels=\w+_(\w+)->", attrs).group(1)
+            total += 2 * out * math.prod(kernel) / kernel[labels.index("o")]
+    return total
+
+
+# Per-device bytes a ring collective moves, in units of its full (unsharded) buffer S over N
+# devices: all-reduce 2 (N-1)/N S; all-gather and reduce-scatter (N-1)/N S.
+RING_FACTOR = {"all-reduce": 2.0, "all-gather": 1.0, "reduce-scatter": 1.0}
+
+
+def hlo_collective_bytes(hlo_text: str, num_devices: int) -> dict:
+    """Per-device bytes moved by the collectives of an SPMD-partitioned HLO module, by kind,
+    assuming ring algorithms (RING_FACTOR); the buffer S is the all-reduce operand, the
+    all-gather result, and the reduce-scatter operand. Async start/done pairs count once."""
+    instructions = hlo_instructions(hlo_text)
+    types = {name: t for name, t, *_ in instructions}
+    totals = {kind: 0.0 for kind in RING_FACTOR}
+    for _, type_str, opcode, operands, _ in instructions:
+        kind = opcode.removesuffix("-start")
+        if kind not in RING_FACTOR or opcode.endswith("-done"):
+            continue
+        buffer = type_str if kind == "all-gather" else " ".join(types[o] for o in operands)
+        size = sum(DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in _shapes(buffer))
+        if kind == "all-gather" and opcode.endswith("-start"):  # (operand, result) tuple type
+            size -= sum(DTYPE_BYTES[dt] * math.prod(dims)
+                        for dt, dims in _shapes(" ".join(types[o] for o in operands)))
+        totals[kind] += RING_FACTOR[kind] * (num_devices - 1) / num_devices * size
+    return totals
+
+
+# ---------------------------------------------------------------- analytic FLOP count
+
+def _dense(tokens: float, fan_in: int, fan_out: int) -> float:
+    return 2.0 * tokens * fan_in * fan_out
+
+
+def vit_block_flops(n: int, width: int, mlp_dim: int) -> float:
+    """Forward matmul FLOPs of one pre-norm ViT block on n tokens (CLS included):
+    qkv, q K^T, attention x V, output projection, MLP."""
+    return (_dense(n, width, 3 * width) + 4.0 * n * n * width + _dense(n, width, width)
+            + 2 * _dense(n, width, mlp_dim))
+
+
+def bert_layer_flops(tokens: int, hidden: int, intermediate: int) -> float:
+    """Forward matmul FLOPs of one BERT layer on `tokens` tokens."""
+    return (4 * _dense(tokens, hidden, hidden) + 4.0 * tokens * tokens * hidden
+            + 2 * _dense(tokens, hidden, intermediate))
+
+
+def dino_head_flops(tokens: float, width: int, hidden: int, bottleneck: int, out: int) -> float:
+    return (_dense(tokens, width, hidden) + _dense(tokens, hidden, hidden)
+            + _dense(tokens, hidden, bottleneck) + _dense(tokens, bottleneck, out))
+
+
+def step_flops(model: UniMedI, config) -> dict[str, float]:
+    """Analytic matmul FLOPs of one train step (objective/step.py) by part, and "total".
+
+    Counts what the step needs: backward = 2x forward for trained layers (input and weight
+    gradients), 1x for the patch embedding (weight gradient only: its input is data) and for
+    the lowest trained text layer's q/k/v inputs when the embeddings are frozen (no input
+    gradient there); frozen text layers forward only. The attentive-selection pass on the
+    volume needs the last block only up to its q and k (Eq. 1), and the student's attention
+    rows are unused (XLA removes both); the volume's teacher patch embedding serves both teacher
+    passes (XLA computes it once) and is counted in "teacher_ct". Elementwise ops, softmaxes and the optimiser are not
+    counted (they are in XLA's cost analysis).
+    """
+    v, obj, t = model.vit, config.objective, model.text.config
+    dh = model.dino_head
+    w, depth, mlp = v.width, v.depth, v.mlp_dim
+    head = lambda n: dino_head_flops(n, w, dh.hidden_dim, dh.bottleneck_dim, dh.out_dim)
+    blocks = lambda n: depth * vit_block_flops(n, w, mlp)
+    attn_rows = lambda n: depth * 2.0 * (n - 1) * w  # q_cls . K_patch per layer
+    b2, b3 = config.data.batch_size_xray, config.data.batch_size_ct
+    p2 = v.patch_size ** 2
+    n_xray = math.prod(config.data.xray.crop_size // v.patch_size for _ in range(2))
+    volume = tuple(config.data.ct.crop_size)
+    n3 = math.prod(s // p for s, p in zip(volume, v.patch_size_3d))
+    p3 = math.prod(v.patch_size_3d)
+    n_slice = math.prod(s // v.patch_size for s in volume[1:])
+    k = obj.selection.k if obj.selection.mode != "none" else 0
+    keep = lambda n: masking.num_keep(n, obj.masking.keep_ratio) if n else 0
+    if obj.masking.style != "drop" and obj.sd.enabled:
+        raise NotImplementedError("step_flops counts the `drop` masking style only")
+
+    parts = {}
+    # (samples, patch-embedding FLOPs per sample, full tokens N, student tokens M) per modality
+    kinds = {"xray": (b2, _dense(n_xray, p2, w), n_xray,
+                      keep(n_xray) if obj.sd.enabled else n_xray),
+             "ct": (b3, _dense(n3, p3, w) + _dense(k * n_slice, p2, w), n3 + k * n_slice,
+                    keep(n3) + k * keep(n_slice) if obj.sd.enabled else n3 + k * n_slice)}
+    if obj.selection.mode == "attentive" and b3:
+        n = 1 + n3
+        parts["teacher_selection"] = b3 * ((depth - 1) * vit_block_flops(n, w, mlp)
+                                           + _dense(n, w, 3 * w) + attn_rows(n))
+    for kind, (b, embed, n, m) in kinds.items():
+        if not b:
+            continue
+        if obj.sd.enabled:
+            parts[f"teacher_{kind}"] = b * (embed + blocks(1 + n) + attn_rows(1 + n)
+                                            + head(1 + n))
+        student = blocks(1 + m) + _dense(1, w, config.model.proj_dim)
+        if obj.sd.enabled:
+            student += head(1 + m)
+        parts[f"student_{kind}"] = b * (2 * embed + 3 * student)
+
+    b, tokens = b2 + b3, config.model.text.max_length
+    layer = bert_layer_flops(tokens, t.hidden_size, t.intermediate_size)
+    trained = config.model.text.trainable_layers
+    trained = t.num_hidden_layers if trained == -1 else trained
+    text = t.num_hidden_layers * layer + 2 * trained * layer
+    if trained and config.model.text.trainable_layers != -1:
+        text -= 3 * _dense(tokens, t.hidden_size, t.hidden_size)
+    parts["text"] = b * (text + 3 * _dense(1, t.hidden_size, config.model.proj_dim))
+    parts["clip"] = 3 * 2.0 * b * b * config.model.proj_dim
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def param_count(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))

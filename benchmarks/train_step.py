@@ -1,0 +1,191 @@
+"""Times the full UniMedI train step in JAX, and optionally the same step in PyTorch.
+
+    python -m benchmarks.train_step --preset=cpu --compare-torch [--steps=5] [--rounds=3]
+
+The JAX step is the trainer's: `jax.jit(train_step)` with the state's shardings over the
+config's mesh and the state donated. Both implementations start from the same weights
+(`torch_reference.TorchStep` copies the JAX state) and take the same fixed synthetic batch.
+The first PARITY_STEPS steps of each are not timed; their losses are reported
+(`*_losses`), a check that both run the same computation. Then `--rounds` rounds, each
+timing `--steps` steps of JAX, PyTorch eager and PyTorch `torch.compile` in turn (so a change
+in machine load hits all three), and the medians are reported.
+
+FLOPs per step: the analytic count (`common.step_flops`), cross-checked against the dots and
+convolutions of the compiled HLO (`xla_matmul_flops`) and XLA's cost analysis (`xla_flops`,
+which adds elementwise work). MFU = analytic FLOPs / median JAX step time / the peak float32
+matmul rate measured in this run (best of the measurements before and after the steps).
+
+The CLS token of the initial state is drawn from N(0, 1) instead of its near-zero init: the
+teacher's attention, which picks the slices and the kept tokens, is then decided by the weights
+rather than by rounding noise, so the JAX and PyTorch steps pick the same ones. Speed does not
+depend on the values. The last output line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import traceback
+
+import jax
+
+from benchmarks import common
+from unimedi_jax.train import sharding as shd
+
+PARITY_STEPS = 3  # untimed first steps (warm-up) whose losses both implementations report
+DEFAULT_STEPS = {"tiny": 2, "cpu": 5, "vits16": 2, "vitb16": 2}
+DEFAULT_ROUNDS = {"tiny": 1, "cpu": 3, "vits16": 2, "vitb16": 2}
+SEED = 0
+
+
+def _spread_cls_token(state: dict) -> dict:
+    """Student and teacher CLS token drawn from N(0, 1) (same value in both)."""
+    cls = state["params"]["vision"]["cls_token"]
+    value = jax.device_get(jax.random.normal(jax.random.key(SEED), cls.shape, cls.dtype))
+    for part in ("params", "teacher"):  # separate buffers: the state is donated
+        state[part]["vision"]["cls_token"] = jax.device_put(value, cls.sharding)
+    return state
+
+
+def _median(times: list[float]) -> float | None:
+    return statistics.median(times) if times else None
+
+
+def _rate(samples: int, seconds: float | None) -> float | None:
+    return samples / seconds if seconds else None
+
+
+class JaxStep:
+    """The trainer's jitted step: state shardings over the config's mesh, state donated."""
+
+    def __init__(self, config, random_text: bool):
+        self.setup = common.make_setup(config, random_text)
+        self.mesh = shd.make_mesh(config.mesh)
+        init_rng = jax.random.key(config.seed)
+        self.state_sharding = shd.state_shardings(
+            self.mesh, jax.eval_shape(self.setup.init, init_rng, None))
+        state = jax.jit(self.setup.init, out_shardings=self.state_sharding)(init_rng, None)
+        self.state = _spread_cls_token(state)
+        self.rng = jax.random.key(config.seed + 1)
+        self.update = jax.jit(
+            self.setup.train_step,
+            in_shardings=(self.state_sharding, shd.batch_sharding(self.mesh),
+                          shd.replicated(self.mesh)),
+            out_shardings=(self.state_sharding, shd.replicated(self.mesh)), donate_argnums=(0,))
+
+    def compile(self, batch: dict) -> float:
+        """Lowers and compiles for `batch` (on the mesh); returns the seconds it took."""
+        start = time.perf_counter()
+        self.compiled = self.update.lower(self.state, batch, self.rng).compile()
+        return time.perf_counter() - start
+
+    def step(self, batch: dict) -> jax.Array:
+        """One step (blocks until done); returns the loss before the update."""
+        self.state, metrics = self.compiled(self.state, batch, self.rng)
+        jax.block_until_ready(self.state)
+        return metrics["loss"]
+
+
+def _warm_up(run, label: str, result: dict) -> None:
+    """The untimed first steps: their losses and total seconds go into result."""
+    start = time.perf_counter()
+    result[f"{label}_losses"] = [float(run()) for _ in range(PARITY_STEPS)]
+    result[f"{label}_warmup_s"] = time.perf_counter() - start
+
+
+def _torch_runner(make, batch, label: str, result: dict):
+    """Builds a TorchStep (make()) and warms it up; returns its step callable, or None on
+    failure (the error goes into result[label + "_error"])."""
+    try:
+        step = make()
+        run = lambda: step.step(batch)
+        _warm_up(run, label, result)
+        return run
+    except Exception as e:  # reported, not raised: a failed torch.compile is a result
+        result[f"{label}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        traceback.print_exc()
+        return None
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=common.PRESETS, default="cpu")
+    parser.add_argument("--compare-torch", action="store_true", help="also time PyTorch")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds")
+    parser.add_argument("--no-torch-compile", action="store_true",
+                        help="with --compare-torch: PyTorch eager only")
+    args = parser.parse_args(argv)
+    steps = args.steps or DEFAULT_STEPS[args.preset]
+    rounds = args.rounds or DEFAULT_ROUNDS[args.preset]
+
+    result = {"preset": args.preset, "machine": common.machine(), "load_start": os.getloadavg()[0]}
+    peaks = [common.matmul_peak_flops()]
+    config, random_text = common.preset_config(args.preset)
+    jax_step = JaxStep(config, random_text)
+    model = jax_step.setup.model
+    batch_np = common.synthetic_batch(config, model.text.config.vocab_size, SEED)
+    samples = config.data.batch_size_xray + config.data.batch_size_ct
+    batch = shd.put_batch(batch_np, jax_step.mesh)
+    result.update(batch_xray=config.data.batch_size_xray, batch_ct=config.data.batch_size_ct,
+                  devices=len(jax.devices()), compile_s=jax_step.compile(batch))
+
+    flops = common.step_flops(model, config)
+    compiled = jax_step.compiled
+    result.update(flops_per_step=flops["total"], flops_by_part=flops,
+                  xla_flops=common.xla_flops(compiled),
+                  xla_matmul_flops=common.hlo_matmul_flops(compiled.as_text()),
+                  **common.memory_bytes(compiled))
+    print(f"FLOPs/step analytic {flops['total']:.4g}, XLA dots+convs "
+          f"{result['xla_matmul_flops']:.4g}, XLA cost analysis (all ops) "
+          f"{result['xla_flops']:.4g}", flush=True)
+
+    runners = {"jax": lambda: jax_step.step(batch)}
+    if args.compare_torch:
+        from benchmarks import torch_reference
+        params0 = jax.device_get(jax_step.state["params"])  # before the donated steps
+    _warm_up(runners["jax"], "jax", result)
+    if args.compare_torch:
+        batch_t = torch_reference.to_torch(batch_np)
+        variants = {"torch": False} if args.no_torch_compile else {"torch": False,
+                                                                   "torch_compile": True}
+        for label, compile_ in variants.items():
+            run = _torch_runner(lambda c=compile_: torch_reference.TorchStep(
+                model, config, params0, compile=c), batch_t, label, result)
+            if run is not None:
+                runners[label] = run
+        del params0
+
+    times = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, run in runners.items():
+            times[label] += common.time_calls(run, steps)
+    peaks.append(common.matmul_peak_flops())
+
+    peak = max(peaks)
+    for label in ("jax", "torch", "torch_compile"):
+        median = _median(times.get(label, []))
+        result[f"{label}_step_s"] = median
+        result[f"{label}_step_min_s"] = min(times[label]) if times.get(label) else None
+        result[f"{label}_samples_per_s"] = _rate(samples, median)
+    if result["torch_compile_step_s"]:  # the untimed first steps minus their run time
+        result["torch_compile_s"] = (result["torch_compile_warmup_s"]
+                                     - PARITY_STEPS * result["torch_compile_step_s"])
+    result.update(peak_matmul_flops=peak, peak_matmul_flops_runs=peaks,
+                  mfu=flops["total"] / result["jax_step_s"] / peak,
+                  torch_mfu=(flops["total"] / result["torch_step_s"] / peak
+                             if result.get("torch_step_s") else None),
+                  steps=steps, rounds=rounds, load_end=os.getloadavg()[0])
+    for label in times:
+        print(f"{label:>14}: median {result[f'{label}_step_s']:.4f} s/step, "
+              f"{result[f'{label}_samples_per_s']:.2f} samples/s", flush=True)
+    print(f"MFU {result['mfu']:.3f} of the measured {peak / 1e9:.1f} GFLOP/s matmul peak",
+          flush=True)
+    common.emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Downstream tasks end to end on tiny procedural phantoms, and the shared task plumbing."""
+
+import importlib
+import json
+import math
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from unimedi_jax.eval import features, retrieval, tasks
+from unimedi_jax.models.unimedi import UniMedI, teacher_params
+from unimedi_jax.train import checkpoint
+
+# task -> module:function, as unimedi_jax.main.TASKS maps them.
+RUNNERS = {
+    "linear_probe": "unimedi_jax.eval.linear_probe:run",
+    "finetune": "unimedi_jax.eval.finetune:run",
+    "segmentation": "unimedi_jax.eval.segmentation:run",
+    "retrieval": "unimedi_jax.eval.retrieval:run",
+    "slice_selection": "unimedi_jax.eval.selection_eval:run",
+    "zero_shot": "unimedi_jax.eval.zero_shot:run",
+}
+VOLUME = (16, 32, 32)
+IMAGE = 32
+
+
+def run_task(config, workdir):
+    module, fn = RUNNERS[config.task].split(":")
+    return getattr(importlib.import_module(module), fn)(config, str(workdir))
+
+
+def tiny(name: str, modality: str | None = None, init_from=None) -> ml_collections.ConfigDict:
+    """configs/NAME.py shrunk: a 2-block width-32 ViT, 1 text layer, 16x32x32 phantoms; the
+    encoder of the `pretrained` workdir when given (a random init compiles for seconds)."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.model.vit.update(width=32, depth=2, num_heads=2, mlp_dim=64, image_size=IMAGE,
+                            volume_size=VOLUME)
+    config.model.text.num_layers = 1
+    config.model.proj_dim = 16
+    config.model.dino.update(hidden_dim=32, bottleneck_dim=16, out_dim=64)
+    config.batch_size = 8
+    data = config.data.to_dict()
+    modality = modality or data["modality"]
+    data.update(modality=modality, crop_size=IMAGE if modality == "xray" else VOLUME,
+                procedural=True, max_examples={},
+                build_options=dict(num_train=24, num_validation=8, num_test=16,
+                                   volume_size=VOLUME, image_size=IMAGE + 8))
+    config.data = ml_collections.ConfigDict(data)
+    if "optim" in config:
+        config.optim.update(max_epochs=2, patience=1, batch_size=8)
+    if init_from is not None:
+        config.init_from = str(init_from[0])
+    return config
+
+
+def read_results(workdir):
+    with open(workdir / tasks.RESULTS_FILE) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretraining workdir (config.json + one checkpoint) of a tiny model, and its params."""
+    workdir = tmp_path_factory.mktemp("pretrain")
+    config = tiny("retrieval")  # carries the pretraining's model and objective sections
+    params = UniMedI.from_config(config).init(jax.random.key(123))
+    checkpoint.save_config(config, str(workdir))
+    ckpt = checkpoint.Checkpointer(str(workdir), asynchronous=False)
+    ckpt.save(7, {"params": params, "teacher": teacher_params(params)})
+    ckpt.close()
+    return workdir, params
+
+
+def test_linear_probe_2d(tmp_path):
+    config = tiny("linear_probe_2d")
+    out = run_task(config, tmp_path)
+    assert out == read_results(tmp_path)
+    assert out["init"] == "random" and out["task"] == "linear_probe"
+    assert set(out["metrics"]) == {"0.01", "0.1", "1"}
+    assert [out["metrics"][f]["num_train"] for f in ("0.01", "0.1", "1")] == [1, 3, 24]
+    for m in out["metrics"].values():
+        assert set(m["auroc_per_label"]) == {"nodule", "consolidation", "ground_glass",
+                                             "effusion", "cardiomegaly"}
+        defined = [v for v in m["auroc_per_label"].values() if v is not None]
+        assert m["auroc_macro"] == pytest.approx(np.mean(defined))
+
+
+def test_linear_probe_3d_binary(tmp_path, pretrained):
+    config = tiny("linear_probe_3d", init_from=pretrained)
+    config.label_type = "binary"
+    config.data.labels = ("cardiomegaly",)
+    config.fractions = (1.0,)
+    out = run_task(config, tmp_path)
+    assert 0.0 <= out["metrics"]["1"]["auroc"] <= 1.0 and out["labels"] == ["cardiomegaly"]
+
+
+def test_finetune_3d(tmp_path, pretrained):
+    out = run_task(tiny("finetune_3d", init_from=pretrained), tmp_path)
+    m = out["metrics"]["1"]
+    assert m["num_train"] == 24 and 1 <= m["epochs_run"] <= 2 and 0 <= m["auroc_macro"] <= 1
+
+
+@pytest.mark.parametrize("name", ["seg_2d", "seg_3d"])
+def test_segmentation(tmp_path, pretrained, name):
+    config = tiny(name, init_from=pretrained)
+    if name == "seg_3d":
+        config.unetr.feature_size = 4
+        config.optim.update(batch_size=2, max_epochs=1)
+        config.data.max_examples = dict(train=4, validation=2, test=4)
+    out = run_task(config, tmp_path)
+    m = out["metrics"]["1"]
+    classes = ["foreground"] if name == "seg_2d" else ["nodule", "consolidation",
+                                                       "ground_glass", "effusion", "cardiomegaly"]
+    assert list(m["dice_per_class"]) == classes
+    defined = [v for v in m["dice_per_class"].values() if v is not None]
+    assert m["dice"] == pytest.approx(np.mean(defined)) and 0 <= m["dice"] <= 1
+
+
+def test_slice_selection(tmp_path, pretrained):
+    config = tiny("slice_selection", init_from=pretrained)
+    config.ks = (1, 2)
+    out = run_task(config, tmp_path)
+    for k in ("k=1", "k=2"):
+        m = out["metrics"][k]
+        assert m["slice_precision_volumes"] > 0
+        for key in ("slice_precision", "slice_precision_random", "slice_precision_prior"):
+            assert 0 <= m[key] <= 1
+    assert sorted(out["prior_ranking"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("modality", ["xray", "ct"])
+def test_zero_shot(tmp_path, pretrained, modality):
+    out = run_task(tiny("zero_shot", modality, pretrained), tmp_path)
+    per_label = out["metrics"]["auroc_per_label"]
+    assert set(per_label) == {"nodule", "consolidation", "ground_glass", "effusion",
+                              "cardiomegaly"}
+    defined = [v for v in per_label.values() if v is not None]
+    assert out["metrics"]["auroc_mean"] == pytest.approx(np.mean(defined))
+
+
+def test_retrieval_from_pretrained_matches_direct_computation(tmp_path, pretrained):
+    """The task loads the checkpoint's student params: its metrics equal those computed here
+    from the saved params."""
+    workdir, params = pretrained
+    config = tiny("retrieval", "ct", pretrained)
+    out = run_task(config, tmp_path)
+    assert (out["init"], out["init_step"], out["init_params"]) == ("pretrained", 7, "params")
+    model = UniMedI.from_config(config)
+    source = tasks.open_splits(config.data, ("test",))[0]["test"]
+    got = retrieval.embed(model, params, source, modality="ct",
+                          selection_cfg=config.objective.selection, crop_size=VOLUME,
+                          batch_size=5, max_length=config.model.text.max_length, name="test")
+    expected = retrieval.retrieval_metrics(got["image"], got["text"], got["labels"], (1, 5, 10))
+    for key, value in expected.items():
+        assert out["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_linear_probe_from_teacher(tmp_path, pretrained):
+    config = tiny("linear_probe_2d", init_from=pretrained)
+    config.init_params = "teacher"
+    config.fractions = (1.0,)
+    out = run_task(config, tmp_path)
+    assert (out["init"], out["init_params"]) == ("pretrained", "teacher")
+    config = tiny("retrieval", init_from=pretrained)
+    config.init_params = "teacher"
+    with pytest.raises(ValueError, match="no text encoder"):
+        run_task(config, tmp_path)
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def test_fraction_indices_deterministic_and_nested():
+    small = tasks.fraction_indices(1000, 0.01, seed=3)
+    large = tasks.fraction_indices(1000, 0.1, seed=3)
+    assert len(small) == 10 and len(large) == 100 and set(small) <= set(large)
+    np.testing.assert_array_equal(small, tasks.fraction_indices(1000, 0.01, seed=3))
+    assert not np.array_equal(small, tasks.fraction_indices(1000, 0.01, seed=4))
+    assert len(tasks.fraction_indices(7, 0.01, seed=0)) == 1
+    assert len(tasks.fraction_indices(7, 1.0, seed=0)) == 7
+    with pytest.raises(ValueError, match="fraction"):
+        tasks.fraction_indices(7, 0.0, seed=0)
+
+
+def test_targets_and_label_columns():
+    labels = np.array([[0, 1, 0], [1, 0, 0]], np.float32)
+    np.testing.assert_array_equal(tasks.targets(labels, "multiclass", "x"), [1, 0])
+    np.testing.assert_array_equal(tasks.targets(labels, "multilabel", "x"), labels)
+    with pytest.raises(ValueError, match="rows \\[1\\]"):
+        tasks.targets(np.array([[0, 1, 0], [1, 1, 0]], np.float32), "multiclass", "x")
+    with pytest.raises(ValueError, match="one label"):
+        tasks.targets(labels, "binary", "x")
+    assert tasks.label_columns(("a", "b", "c"), ("c", "a")) == [2, 0]
+    assert tasks.label_columns(("a", "b"), ()) == [0, 1]
+    with pytest.raises(ValueError, match="config.data.labels"):
+        tasks.label_columns(("a", "b"), ("z",))
+
+
+def test_early_stopping_keeps_the_best_state():
+    val = [5.0, 3.0, 4.0, 2.5, 2.6, 2.7, 2.8, 1.0]
+    best, history = tasks.early_stopping(lambda s, e: (s + 1, 0.0), lambda s: val[s - 1], 0,
+                                         max_epochs=8, patience=3)
+    assert best == 4 and history["best_epoch"] == 3 and history["epochs_run"] == 7
+    best, history = tasks.early_stopping(lambda s, e: (s + 1, 0.0), lambda s: val[s - 1], 0,
+                                         max_epochs=8, patience=10)
+    assert best == 8 and history["epochs_run"] == 8
+
+
+def test_subset_and_padding():
+    source = [{"i": np.array(i)} for i in range(5)]
+    sub = features.Subset(source, [4, 1])
+    assert len(sub) == 2 and int(sub[0]["i"]) == 4 and int(features.head(source, 3)[2]["i"]) == 2
+    assert len(features.head(source, 0)) == 5
+    with pytest.raises(IndexError):
+        features.Subset(source, [5])
+    padded = features.pad_batch({"x": np.arange(3)}, 5)
+    np.testing.assert_array_equal(padded["x"], [0, 1, 2, 2, 2])
+
+
+def test_results_nan_is_null(tmp_path):
+    config = ml_collections.ConfigDict({"task": "t"})
+    loaded = tasks.Loaded(None, {}, config, {"init": "random"})
+    out = tasks.write_results(str(tmp_path), config, loaded, {"metrics": {"a": math.nan,
+                                                                         "b": np.float32(0.5)}})
+    assert out["metrics"] == {"a": None, "b": 0.5} and read_results(tmp_path) == out

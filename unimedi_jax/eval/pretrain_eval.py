@@ -1,0 +1,68 @@
+"""Evaluation during pretraining: at step 0 (the reference), every `eval_every_steps`, at the end.
+
+`evaluate(params, config, val_ct, val_xray, train_ct)` encodes the first
+`config.eval.max_examples` records of each validation source with the student `params`
+(jitted, fixed batches of `config.eval.batch_size`, the last padded) and returns scalars:
+
+- retrieval_r1_ct, retrieval_r1_xray: image-to-report R@1 of the exact pair among that
+  modality's validation reports; retrieval_r1: their mean (over the modalities given).
+- retrieval_r1_findings_{ct,xray} and retrieval_r1_findings: a hit when the retrieved report's
+  label set equals the query's; retrieval_r1_findings_baseline{,_ct,_xray}: always retrieving a
+  report of the most common label set; retrieval_r1_chance{_ct,_xray}: 1 / N.
+- slice_precision: precision@k (k = objective.selection.k) of the slabs the student's own CLS
+  attention on the volume alone selects (the student stands in for the EMA teacher, which
+  starts as its copy and tracks it), against `slice_has_finding`, over the validation volumes
+  with a finding; slice_precision_random: the exact expectation for k random slabs;
+  slice_precision_prior: a fixed ranking of slab positions by their finding frequency in the
+  first max_examples volumes of `train_ct` (see `selection_eval`).
+A CT's embedding is computed as in pretraining: the volume with its k selected slices
+(`features.clip_embeddings`). Sources may be None (that modality is skipped); slice metrics
+need `train_ct` and CT records with `slice_has_finding`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unimedi_jax.eval import features, retrieval, selection_eval
+from unimedi_jax.models.unimedi import UniMedI
+
+CROP = {"ct": lambda c: c.data.ct.crop_size, "xray": lambda c: c.data.xray.crop_size}
+
+
+def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str, float]:
+    """The metrics above for the student params {"vision", "text", "img_proj", "txt_proj", ...}."""
+    model = UniMedI.from_config(config)
+    ev = config.eval
+    results: dict[str, float] = {}
+    slabs = None
+    for modality, source in (("ct", val_ct), ("xray", val_xray)):
+        if source is None:
+            continue
+        got = retrieval.embed(model, params, features.head(source, ev.max_examples),
+                              modality=modality, selection_cfg=config.objective.selection,
+                              crop_size=CROP[modality](config), batch_size=ev.batch_size,
+                              max_length=config.model.text.max_length,
+                              name=f"{modality} evaluation split")
+        r = retrieval.retrieval_metrics(got["image"], got["text"], got["labels"], ks=(1,))
+        results.update({f"retrieval_r1_{modality}": r["i2t_r1"],
+                        f"retrieval_r1_findings_{modality}": r["i2t_findings_r1"],
+                        f"retrieval_r1_findings_baseline_{modality}": r["findings_baseline_r1"],
+                        f"retrieval_r1_chance_{modality}": r["chance_r1"]})
+        if modality == "ct" and "slice_has_finding" in got:
+            slabs = (got["slab_scores"], got["slice_has_finding"])
+    for key in ("retrieval_r1", "retrieval_r1_findings", "retrieval_r1_findings_baseline",
+                "retrieval_r1_chance"):
+        values = [results[f"{key}_{m}"] for m in ("ct", "xray") if f"{key}_{m}" in results]
+        if values:
+            results[key] = float(np.mean(values))
+    if slabs is not None and train_ct is not None:
+        patch_depth = model.vit.patch_size_3d[0]
+        prior = selection_eval.prior_ranking(selection_eval.truth_only(
+            features.head(train_ct, ev.max_examples), crop_size=CROP["ct"](config),
+            batch_size=ev.batch_size, patch_depth=patch_depth, name="ct training split"))
+        precision = selection_eval.selection_precision(
+            slabs[0], selection_eval.slab_truth(slabs[1], patch_depth),
+            config.objective.selection.k, prior)
+        results.update({k: v for k, v in precision.items() if k != "slice_precision_volumes"})
+    return results
