@@ -1,5 +1,5 @@
-"""Shared benchmark helpers: presets, the JAX setup, synthetic batches, timing, matmul peak,
-FLOP counts (analytic and from the compiled HLO), memory and collective bytes.
+"""Shared benchmark helpers: presets, synthetic batches, timing, the matmul peak, FLOP counts
+(analytic and from the compiled HLO), memory and collective bytes.
 
 A preset is a pretraining config sized for a benchmark:
 
@@ -17,7 +17,6 @@ written, to a temporary folder, because the model reads the text architecture fr
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +36,6 @@ from configs import pretrain, pretrain_vitb16
 from unimedi_jax.models import bert
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective import masking
-from unimedi_jax.objective import step as step_lib
-from unimedi_jax.objective.optim import make_optimizer
 
 # emilyalsentzer/Bio_ClinicalBERT config.json (DESIGN §3): cased BERT-base vocabulary.
 BIOCLINICALBERT = bert.BertConfig(vocab_size=28996, hidden_size=768, num_hidden_layers=12,
@@ -69,20 +66,18 @@ def write_text_config(text: bert.BertConfig) -> str:
     return folder
 
 
-def paper_config(variant: str = "B/16", text_layers: int | None = None):
-    """configs/pretrain_vitb16.py with a random-init BioClinicalBERT-sized text encoder of
-    `text_layers` layers (default: the config's model.text.num_layers); returns the config."""
+def paper_config(variant: str = "B/16"):
+    """configs/pretrain_vitb16.py with the ViT `variant` and a random-init text encoder of
+    BioClinicalBERT's sizes (the config takes its first model.text.num_layers layers)."""
     config = pretrain_vitb16.get_config()
     config.model.vit.variant = variant
-    layers = text_layers or config.model.text.num_layers
-    text = dataclasses.replace(BIOCLINICALBERT, num_hidden_layers=layers)
-    config.model.text.checkpoint = write_text_config(text)
-    config.model.text.num_layers = layers
+    config.model.text.checkpoint = write_text_config(BIOCLINICALBERT)
     return config
 
 
-def preset_config(name: str, batch: tuple[int, int] | None = None):
-    """(config, random_text) of a preset; `batch` = (X-rays, CT volumes) overrides its batch."""
+def preset_config(name: str):
+    """(config, random_text) of a preset: random_text = initialise the text encoder randomly
+    (`objective.step.make_setup`), its config.json at config.model.text.checkpoint."""
     if name == "tiny":
         config = pretrain.get_config()
         config.model.vit.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
@@ -94,41 +89,19 @@ def preset_config(name: str, batch: tuple[int, int] | None = None):
         config.model.dino.update(hidden_dim=32, bottleneck_dim=16, out_dim=64)
         config.objective.selection.k = 2
         config.data.batch_size_xray, config.data.batch_size_ct = 4, 2
-        config.optim.warmup_steps = 0  # full-size updates from step 0: losses after the first
-        random_text = True               # steps then depend on the optimiser, EMA and centres
-    elif name == "cpu":
-        config, random_text = pretrain.get_config(), False
-    elif name in ("vits16", "vitb16"):
+        # Full-size updates from the first step: the losses of the next steps then depend on
+        # the optimiser, EMA and centre updates (the PyTorch reference is checked on them).
+        config.optim.warmup_steps = 0
+        return config, True
+    if name == "cpu":
+        return pretrain.get_config(), False
+    if name in ("vits16", "vitb16"):
         config = paper_config("S/16" if name == "vits16" else "B/16")
         config.model.vit.update(dtype="float32", remat=False)
         config.model.text.dtype = "float32"
         config.data.batch_size_xray, config.data.batch_size_ct = PAPER_BATCH
-        random_text = True
-    else:
-        raise ValueError(f"--preset={name!r}; expected one of {PRESETS}")
-    if batch is not None:
-        config.data.batch_size_xray, config.data.batch_size_ct = batch
-    return config, random_text
-
-
-def make_setup(config, random_text: bool) -> step_lib.Setup:
-    """`objective.step.make_setup`, or, with `random_text`, the same with a random-init text
-    encoder (whose config.json is at config.model.text.checkpoint)."""
-    if not random_text:
-        return step_lib.make_setup(config)
-    model = UniMedI.from_config(config)
-    optimizer = make_optimizer(config)
-
-    def init(rng: jax.Array, sample_batch: Any = None) -> dict:
-        del sample_batch
-        r_model, r_text = jax.random.split(rng)
-        ids = jnp.ones((1, 1), jnp.int32)
-        params = {**model.init_random(r_model),
-                  "text": model.text.init(r_text, ids, ids)["params"]}
-        return step_lib.init_state(model, params, optimizer)
-
-    return step_lib.Setup(model, optimizer, init,
-                          step_lib.make_train_step(model, config, optimizer))
+        return config, True
+    raise ValueError(f"--preset={name!r}; expected one of {PRESETS}")
 
 
 def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
@@ -151,14 +124,17 @@ def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------- timing and the machine
 
-def time_calls(fn: Callable[[], Any], count: int) -> list[float]:
-    """Seconds of each of `count` calls of fn (fn must block until its work is done)."""
-    times = []
+def time_calls(fn: Callable[[], Any], count: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds (all threads) of each of `count` calls of fn (fn
+    must block until its work is done). CPU / wall near the core count means the cores were
+    ours; far below it, other processes had them."""
+    wall, cpu = [], []
     for _ in range(count):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def matmul_peak_flops(size: int = PEAK_MATMUL_SIZE, repeats: int = PEAK_MATMUL_REPEATS) -> float:
@@ -167,7 +143,7 @@ def matmul_peak_flops(size: int = PEAK_MATMUL_SIZE, repeats: int = PEAK_MATMUL_R
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
-    best = min(time_calls(lambda: matmul(a, b).block_until_ready(), repeats))
+    best = min(time_calls(lambda: matmul(a, b).block_until_ready(), repeats)[0])
     return 2 * size ** 3 / best
 
 
@@ -321,6 +297,33 @@ def dino_head_flops(tokens: float, width: int, hidden: int, bottleneck: int, out
             + _dense(tokens, hidden, bottleneck) + _dense(tokens, bottleneck, out))
 
 
+class Tokens(NamedTuple):
+    """Patch tokens of one sample of a modality: the teacher sees `full`, the student `kept`;
+    `embed_flops` is the patch embedding's forward cost."""
+
+    full: int
+    kept: int
+    embed_flops: float
+
+
+def token_counts(model: UniMedI, config) -> dict[str, Tokens]:
+    """Per modality ("xray", "ct") the token counts of the step (CT: volume + k slices)."""
+    v, obj = model.vit, config.objective
+    if obj.masking.style != "drop" and obj.sd.enabled:
+        raise NotImplementedError("the benchmark counts the `drop` masking style only")
+    keep = lambda n: masking.num_keep(n, obj.masking.keep_ratio) if obj.sd.enabled and n else n
+    n_xray = (config.data.xray.crop_size // v.patch_size) ** 2
+    volume = tuple(config.data.ct.crop_size)
+    n3 = math.prod(s // p for s, p in zip(volume, v.patch_size_3d))
+    n_slice = math.prod(s // v.patch_size for s in volume[1:])
+    k = obj.selection.k if obj.selection.mode != "none" else 0
+    p2 = v.patch_size ** 2
+    return {"xray": Tokens(n_xray, keep(n_xray), _dense(n_xray, p2, v.width)),
+            "ct": Tokens(n3 + k * n_slice, keep(n3) + k * keep(n_slice),
+                         _dense(n3, math.prod(v.patch_size_3d), v.width)
+                         + _dense(k * n_slice, p2, v.width))}
+
+
 def step_flops(model: UniMedI, config) -> dict[str, float]:
     """Analytic matmul FLOPs of one train step (objective/step.py) by part, and "total".
 
@@ -329,9 +332,9 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
     the lowest trained text layer's q/k/v inputs when the embeddings are frozen (no input
     gradient there); frozen text layers forward only. The attentive-selection pass on the
     volume needs the last block only up to its q and k (Eq. 1), and the student's attention
-    rows are unused (XLA removes both); the volume's teacher patch embedding serves both teacher
-    passes (XLA computes it once) and is counted in "teacher_ct". Elementwise ops, softmaxes and the optimiser are not
-    counted (they are in XLA's cost analysis).
+    rows are unused (XLA removes both); the volume's teacher patch embedding serves both
+    teacher passes (XLA computes it once) and is counted in "teacher_ct". Elementwise ops,
+    softmaxes and the optimiser are not counted (they are in XLA's cost analysis).
     """
     v, obj, t = model.vit, config.objective, model.text.config
     dh = model.dino_head
@@ -340,37 +343,23 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
     blocks = lambda n: depth * vit_block_flops(n, w, mlp)
     attn_rows = lambda n: depth * 2.0 * (n - 1) * w  # q_cls . K_patch per layer
     b2, b3 = config.data.batch_size_xray, config.data.batch_size_ct
-    p2 = v.patch_size ** 2
-    n_xray = math.prod(config.data.xray.crop_size // v.patch_size for _ in range(2))
-    volume = tuple(config.data.ct.crop_size)
-    n3 = math.prod(s // p for s, p in zip(volume, v.patch_size_3d))
-    p3 = math.prod(v.patch_size_3d)
-    n_slice = math.prod(s // v.patch_size for s in volume[1:])
-    k = obj.selection.k if obj.selection.mode != "none" else 0
-    keep = lambda n: masking.num_keep(n, obj.masking.keep_ratio) if n else 0
-    if obj.masking.style != "drop" and obj.sd.enabled:
-        raise NotImplementedError("step_flops counts the `drop` masking style only")
-
+    samples = {"xray": b2, "ct": b3}
     parts = {}
-    # (samples, patch-embedding FLOPs per sample, full tokens N, student tokens M) per modality
-    kinds = {"xray": (b2, _dense(n_xray, p2, w), n_xray,
-                      keep(n_xray) if obj.sd.enabled else n_xray),
-             "ct": (b3, _dense(n3, p3, w) + _dense(k * n_slice, p2, w), n3 + k * n_slice,
-                    keep(n3) + k * keep(n_slice) if obj.sd.enabled else n3 + k * n_slice)}
     if obj.selection.mode == "attentive" and b3:
-        n = 1 + n3
+        n = 1 + math.prod(s // p for s, p in zip(config.data.ct.crop_size, v.patch_size_3d))
         parts["teacher_selection"] = b3 * ((depth - 1) * vit_block_flops(n, w, mlp)
                                            + _dense(n, w, 3 * w) + attn_rows(n))
-    for kind, (b, embed, n, m) in kinds.items():
+    for kind, tok in token_counts(model, config).items():
+        b = samples[kind]
         if not b:
             continue
         if obj.sd.enabled:
-            parts[f"teacher_{kind}"] = b * (embed + blocks(1 + n) + attn_rows(1 + n)
-                                            + head(1 + n))
-        student = blocks(1 + m) + _dense(1, w, config.model.proj_dim)
+            parts[f"teacher_{kind}"] = b * (tok.embed_flops + blocks(1 + tok.full)
+                                            + attn_rows(1 + tok.full) + head(1 + tok.full))
+        student = blocks(1 + tok.kept) + _dense(1, w, config.model.proj_dim)
         if obj.sd.enabled:
-            student += head(1 + m)
-        parts[f"student_{kind}"] = b * (2 * embed + 3 * student)
+            student += head(1 + tok.kept)
+        parts[f"student_{kind}"] = b * (2 * tok.embed_flops + 3 * student)
 
     b, tokens = b2 + b3, config.model.text.max_length
     layer = bert_layer_flops(tokens, t.hidden_size, t.intermediate_size)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from unimedi_jax.objective import step as step_lib
 from unimedi_jax.objective.optim import trainable_mask
 from unimedi_jax.train import sharding as shd
 
@@ -49,7 +50,7 @@ def compile_step(config, b2: int, b3: int) -> dict:
     """Lowers and compiles the train step for (b2, b3); parameters, FLOPs, memory, seconds."""
     config = config.copy_and_resolve_references()
     config.data.batch_size_xray, config.data.batch_size_ct = b2, b3
-    setup = common.make_setup(config, random_text=True)
+    setup = step_lib.make_setup(config, random_text=True)
     mesh = shd.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1])
     rng = jax.random.key(0)
     abstract = jax.eval_shape(setup.init, rng, None)

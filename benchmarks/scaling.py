@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks import common
 from unimedi_jax.models.unimedi import TEACHER_KEYS
+from unimedi_jax.objective import step as step_lib
 from unimedi_jax.objective.optim import trainable_mask
 from unimedi_jax.train import sharding as shd
 
@@ -42,32 +43,49 @@ GPUS_PER_NODE = 8
 PARAM_BYTES = 4  # float32 parameters and gradients (the compute dtype does not change them)
 
 
+def _lookup_rows(path, config) -> int:
+    """Rows a BERT embedding table serves per step: a token per report token (word, token
+    type), or one per position."""
+    batch = config.data.batch_size_xray + config.data.batch_size_ct
+    table = getattr(path[-2], "key", "")
+    return config.model.text.max_length * (1 if table == "position_embeddings" else batch)
+
+
 def comm_bytes(params: dict, config, num_devices: int, mode: str) -> dict[str, float]:
     """Analytic per-device bytes per step over ring collectives (common.RING_FACTOR).
 
     data: the trainable gradients are all-reduced. fsdp: leaves that `sharding.param_spec`
-    splits are all-gathered for the student (all of them, frozen text layers too) and for the
-    teacher (its vision and DINO head) once per step, and their trainable gradients are
-    reduce-scattered; the gradients of the leaves left whole are all-reduced. Gathers repeated
-    in the backward pass (remat) and the small batch-level reductions (CLIP embeddings, loss
-    means, DINO centres: O(batch x proj_dim + K) floats) are not counted.
+    splits are all-gathered for the student (frozen text layers too) and for the teacher (its
+    vision and DINO head) once per step, and their trainable gradients are reduce-scattered;
+    the gradients of the leaves left whole are all-reduced. A split embedding table is not
+    gathered: its lookups (rows x width) are all-reduced, and all-gathered again for the
+    gradient when it trains (what XLA's partitioner does). Not counted: gathers repeated in
+    the backward pass (remat) and the small batch-level reductions (CLIP embeddings, loss
+    means, DINO centres: O(batch x proj_dim + K) floats).
     """
     n = num_devices
     ring = (n - 1) / n
-    train = trainable_mask(params, config)
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    flags = jax.tree.leaves(train)
+    flags = jax.tree.leaves(trainable_mask(params, config))
     out = {"all-reduce": 0.0, "all-gather": 0.0, "reduce-scatter": 0.0}
-    for (path, leaf), trains in zip(leaves, flags):
-        size = PARAM_BYTES * int(np.prod(np.shape(leaf)))
-        split = mode == "fsdp" and shd.param_spec(np.shape(leaf), n) != shd.P()
-        if split:
-            copies = 2 if getattr(path[0], "key", None) in TEACHER_KEYS else 1
-            out["all-gather"] += common.RING_FACTOR["all-gather"] * ring * size * copies
+
+    def add(kind: str, size: float) -> None:
+        out[kind] += common.RING_FACTOR[kind] * ring * size
+
+    for (path, leaf), trains in zip(jax.tree_util.tree_leaves_with_path(params), flags):
+        shape = np.shape(leaf)
+        size = PARAM_BYTES * int(np.prod(shape))
+        if mode != "fsdp" or shd.param_spec(shape, n) == shd.P():
             if trains:
-                out["reduce-scatter"] += common.RING_FACTOR["reduce-scatter"] * ring * size
-        elif trains:
-            out["all-reduce"] += common.RING_FACTOR["all-reduce"] * ring * size
+                add("all-reduce", size)
+        elif getattr(path[-1], "key", "") == "embedding":
+            lookups = PARAM_BYTES * _lookup_rows(path, config) * shape[-1]
+            add("all-reduce", lookups)
+            if trains:
+                add("all-gather", lookups)
+        else:
+            add("all-gather", size * (2 if getattr(path[0], "key", "") in TEACHER_KEYS else 1))
+            if trains:
+                add("reduce-scatter", size)
     out["total"] = sum(out.values())
     return out
 
@@ -87,7 +105,7 @@ def worker(num_devices: int, mode: str, preset: str, steps: int) -> dict:
     compile_s = jax_step.compile(batch)
     for _ in range(2):  # warm-up
         jax_step.step(batch)
-    times = common.time_calls(lambda: jax_step.step(batch), steps)
+    times, _ = common.time_calls(lambda: jax_step.step(batch), steps)
     collectives = common.hlo_collective_bytes(jax_step.compiled.as_text(), num_devices)
     predicted = comm_bytes(jax.device_get(jax_step.state["params"]), config, num_devices, mode)
     return {"devices": num_devices, "mode": mode, "compile_s": compile_s,
@@ -112,7 +130,7 @@ def _spawn(num_devices: int, mode: str, preset: str, steps: int) -> dict:
 def paper_estimate() -> list[dict]:
     """Analytic communication of the paper config at PAPER_DEVICES accelerators."""
     config = common.paper_config()
-    setup = common.make_setup(config, random_text=True)
+    setup = step_lib.make_setup(config, random_text=True)
     params = jax.eval_shape(setup.init, jax.random.key(0), None)["params"]
     flops = common.step_flops(setup.model, config)["total"]
     rows = []

@@ -32,12 +32,14 @@ import traceback
 import jax
 
 from benchmarks import common
+from unimedi_jax.objective import step as step_lib
 from unimedi_jax.train import sharding as shd
 
 PARITY_STEPS = 3  # untimed first steps (warm-up) whose losses both implementations report
 DEFAULT_STEPS = {"tiny": 2, "cpu": 5, "vits16": 2, "vitb16": 2}
 DEFAULT_ROUNDS = {"tiny": 1, "cpu": 3, "vits16": 2, "vitb16": 2}
 SEED = 0
+BREAKDOWN_REPEATS = 5
 
 
 def _spread_cls_token(state: dict) -> dict:
@@ -61,12 +63,12 @@ class JaxStep:
     """The trainer's jitted step: state shardings over the config's mesh, state donated."""
 
     def __init__(self, config, random_text: bool):
-        self.setup = common.make_setup(config, random_text)
+        self.setup = step_lib.make_setup(config, random_text)
         self.mesh = shd.make_mesh(config.mesh)
-        init_rng = jax.random.key(config.seed)
+        init_rng, text = jax.random.key(config.seed), self.setup.text_params
         self.state_sharding = shd.state_shardings(
-            self.mesh, jax.eval_shape(self.setup.init, init_rng, None))
-        state = jax.jit(self.setup.init, out_shardings=self.state_sharding)(init_rng, None)
+            self.mesh, jax.eval_shape(self.setup.init, init_rng, text))
+        state = jax.jit(self.setup.init, out_shardings=self.state_sharding)(init_rng, text)
         self.state = _spread_cls_token(state)
         self.rng = jax.random.key(config.seed + 1)
         self.update = jax.jit(
@@ -109,6 +111,45 @@ def _torch_runner(make, batch, label: str, result: dict):
         return None
 
 
+def block_breakdown(vit, batch: int, tokens: int, repeats: int) -> dict[str, dict]:
+    """Best-of-`repeats` forward + backward seconds and GFLOP/s of one ViT block
+    (models/vit.Block, float32) on (batch, tokens, width), and of its parts alone: the four
+    dense layers, the attention core, the exact GELU, the two LayerNorms."""
+    import jax.numpy as jnp
+    from unimedi_jax.models.vit import Block
+
+    d, m, h = vit.width, vit.mlp_dim, vit.num_heads
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (batch, tokens, d), jnp.float32)
+    hidden = jax.random.normal(key, (batch, tokens, m), jnp.float32)
+    block = Block(h, m)
+    weights = [jnp.full(shape, 1.0 / shape[0]) for shape in ((d, 3 * d), (d, d), (d, m), (m, d))]
+    heads = x.reshape(batch, tokens, h, d // h)
+
+    def dense(p, x):
+        ws, hid = p
+        return sum(((hid if w.shape[0] == m else x) @ w).sum() for w in ws)
+
+    parts = {  # name: (loss(p, x), p, forward matmul FLOPs per sample)
+        "block": (lambda p, x: block.apply({"params": p}, x)[0].sum(),
+                  block.init(key, x)["params"], common.vit_block_flops(tokens, d, m)),
+        "dense layers": (dense, (weights, hidden), 2.0 * tokens * d * (4 * d + 2 * m)),
+        "attention core": (lambda p, x: jax.nn.dot_product_attention(p, p, x).sum(), heads,
+                           4.0 * tokens * tokens * d),
+        "exact GELU": (lambda p, x: jax.nn.gelu(p, approximate=False).sum(), hidden, 0.0),
+        "2 LayerNorms": (lambda p, x: 2 * jax.nn.standardize(p, axis=-1).sum(), x, 0.0),
+    }
+    out = {}
+    for name, (loss, p, flops) in parts.items():
+        x_in = heads if name == "attention core" else x
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        run = lambda: jax.block_until_ready(grad(p, x_in))
+        run()
+        best = min(common.time_calls(run, repeats)[0])
+        out[name] = {"s": best, "gflops": 3 * batch * flops / best / 1e9}  # fwd + bwd = 3x
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=common.PRESETS, default="cpu")
@@ -117,6 +158,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds")
     parser.add_argument("--no-torch-compile", action="store_true",
                         help="with --compare-torch: PyTorch eager only")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time one ViT block and its parts at the CT sequence length")
     args = parser.parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.preset]
     rounds = args.rounds or DEFAULT_ROUNDS[args.preset]
@@ -158,18 +201,23 @@ def main(argv=None) -> dict:
                 runners[label] = run
         del params0
 
-    times = {label: [] for label in runners}
+    times = {label: ([], []) for label in runners}
     for _ in range(rounds):
         for label, run in runners.items():
-            times[label] += common.time_calls(run, steps)
+            wall, cpu = common.time_calls(run, steps)
+            times[label][0].extend(wall)
+            times[label][1].extend(cpu)
     peaks.append(common.matmul_peak_flops())
 
     peak = max(peaks)
     for label in ("jax", "torch", "torch_compile"):
-        median = _median(times.get(label, []))
-        result[f"{label}_step_s"] = median
-        result[f"{label}_step_min_s"] = min(times[label]) if times.get(label) else None
-        result[f"{label}_samples_per_s"] = _rate(samples, median)
+        wall, cpu = times.get(label, ([], []))
+        result[f"{label}_step_s"] = _median(wall)
+        result[f"{label}_step_min_s"] = min(wall) if wall else None
+        result[f"{label}_step_times_s"] = wall or None
+        result[f"{label}_cpu_s"] = _median(cpu)  # process CPU seconds per step
+        result[f"{label}_samples_per_s"] = _rate(samples, _median(wall))
+    result["torch_compile_s"] = None
     if result["torch_compile_step_s"]:  # the untimed first steps minus their run time
         result["torch_compile_s"] = (result["torch_compile_warmup_s"]
                                      - PARITY_STEPS * result["torch_compile_step_s"])
@@ -183,6 +231,13 @@ def main(argv=None) -> dict:
               f"{result[f'{label}_samples_per_s']:.2f} samples/s", flush=True)
     print(f"MFU {result['mfu']:.3f} of the measured {peak / 1e9:.1f} GFLOP/s matmul peak",
           flush=True)
+    if args.breakdown:
+        tokens = 1 + common.token_counts(model, config)["ct"].full
+        result["breakdown"] = block_breakdown(model.vit, config.data.batch_size_ct, tokens,
+                                              BREAKDOWN_REPEATS)
+        print(f"one ViT block, forward + backward, {config.data.batch_size_ct} x {tokens} tokens:")
+        for name, r in result["breakdown"].items():
+            print(f"{name:>16}: {r['s'] * 1e3:8.1f} ms  {r['gflops']:7.1f} GFLOP/s", flush=True)
     common.emit(result)
     return result
 

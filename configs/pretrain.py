@@ -13,7 +13,9 @@ import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
+    """arg: "" for the default, "test" for the seconds-long size the test suite runs."""
+    if arg not in ("", "test"):
+        raise ValueError(f"configs/pretrain.py takes '' or 'test', not {arg!r}")
     c = ml_collections.ConfigDict()
     c.task = "pretrain"
     c.seed = 0
@@ -97,6 +99,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         end_lr=0.0,                     # cosine to 0
         b1=0.9, b2=0.999,               # AdamW defaults (MGCA)
         grad_clip_norm=3.0,             # DINO: clip 3.0
+        grad_clip_mode="per_parameter",  # DINO: each parameter's gradient on its own
     ))
 
     # ---------------- data (DESIGN §6) ----------------
@@ -104,10 +107,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.name = "phantom"
     c.data.data_dir = "~/.cache/unimedi_jax/data"  # built here on first use
     c.data.procedural = True            # DESIGN §6: unlimited generated training pairs
-    c.data.xray = ml_collections.ConfigDict(dict(
-        dataset="phantom", split="train", stored_size=72, crop_size=64))
+    splits = dict(num_train=500, num_validation=256, num_test=256)  # CPU: stored splits for
+    c.data.xray = ml_collections.ConfigDict(dict(    # evaluation and the slab-position prior
+        dataset="phantom", split="train", stored_size=72, crop_size=64, options=splits))
     c.data.ct = ml_collections.ConfigDict(dict(
-        dataset="phantom", split="train", stored_size=(32, 64, 64), crop_size=(32, 64, 64)))
+        dataset="phantom", split="train", stored_size=(32, 64, 64), crop_size=(32, 64, 64),
+        options=dict(splits)))
     c.data.batch_size_xray = 16         # CPU (paper: 144 in all)
     c.data.batch_size_ct = 16
     c.data.worker_count = 0             # CPU: 2 cores go to the train step
@@ -121,4 +126,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         max_examples=256,               # CPU
         batch_size=32,
     ))
+    if arg == "test":
+        _shrink_for_tests(c)
     return c
+
+
+def _shrink_for_tests(c: ml_collections.ConfigDict) -> None:
+    """Seconds-long runs: a two-block ViT, one MiniLM layer, 8x32x32 volumes, batch 4 + 4."""
+    c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 6, 2, 3
+    c.eval_every_steps = 0
+    c.model.vit.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                       patch_size_3d=(2, 8, 8), image_size=32, volume_size=(8, 32, 32))
+    c.model.text.update(num_layers=1, trainable_layers=1, max_length=32)
+    c.model.proj_dim = 16
+    c.model.dino.update(hidden_dim=32, bottleneck_dim=16, out_dim=64)
+    c.objective.selection.k = 2
+    c.objective.sd.teacher_temp_warmup_steps = 2
+    c.optim.warmup_steps = 2
+    splits = dict(num_train=16, num_validation=16, num_test=8)
+    c.data.xray.update(stored_size=36, crop_size=32, options=splits)
+    c.data.ct.update(stored_size=(8, 32, 32), crop_size=(8, 32, 32), options=dict(splits))
+    c.data.batch_size_xray = c.data.batch_size_ct = 8
+    c.eval.update(max_examples=16, batch_size=8)

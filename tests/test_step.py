@@ -14,9 +14,10 @@ import scipy.special
 from flax import traverse_util
 
 from configs import pretrain
+from test_losses import clip_reference
 from unimedi_jax.models import bert, heads
 from unimedi_jax.models.unimedi import UniMedI, teacher_params
-from unimedi_jax.objective import losses, masking, schedules, selection
+from unimedi_jax.objective import schedules
 from unimedi_jax.objective import step as step_lib
 
 B2, B3, T = 3, 2, 8  # X-rays, CT volumes, report tokens
@@ -70,7 +71,7 @@ def tiny_batch(seed=0):
 def setup(text_folder):
     config = tiny_config(text_folder)
     s = step_lib.make_setup(config)
-    state = _jit(s.init)(jax.random.key(0), None)
+    state = _jit(s.init)(jax.random.key(0), s.text_params)
     return config, s, state
 
 
@@ -291,15 +292,15 @@ def test_without_self_distillation_only_clip_remains(setup, run):
     batch, p, model = tiny_batch(), state["params"], s.model
 
     def embeddings(p):
-        zx = model.project_image(p, model.encode_image(p, images=batch["xray"]["image"][:, None])[0])
-        zc = model.project_image(p, model.encode_image(p, volume=batch["ct"]["volume"])[0])
+        image = lambda **x: model.project_image(p, model.encode_image(p, **x)[0])
+        zx = image(images=batch["xray"]["image"][:, None])
+        zc = image(volume=batch["ct"]["volume"])
         text = lambda k: model.project_text(p, model.encode_text(
             p, batch[k]["input_ids"], batch[k]["attention_mask"]))
         return zx, zc, text("xray"), text("ct")
 
     zx, zc, tx, tc = (np.asarray(z, np.float64) for z in _jit(embeddings)(p))
     scale = math.exp(float(p["logit_scale"]))
-    from test_losses import clip_reference
     want = clip_reference(np.concatenate([zx, zc]), np.concatenate([tx, tc]), scale)
     assert float(m["loss_vl"]) == pytest.approx(want, rel=1e-4)
     _, _, m_sep, _ = _step_metrics(setup, sd__enabled=False, selection__mode="none",

@@ -62,7 +62,8 @@ def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
 
     def batches():
         for start in range(0, len(x), batch_size):
-            batch = {"features": x[start:start + batch_size], "targets": y[start:start + batch_size]}
+            rows = slice(start, start + batch_size)
+            batch = {"features": x[rows], "targets": y[rows]}
             yield features.pad_batch(batch, batch_size), len(batch["features"])
 
     return batches

@@ -90,7 +90,8 @@ def dice_per_sample(predictions: np.ndarray, targets: np.ndarray, num_classes: i
 
 
 def dice_summary(predictions: np.ndarray, targets: np.ndarray, num_classes: int) -> dict:
-    """{"dice": mean over foreground classes, "dice_per_class": [classes 1..C-1]} (NaN if undefined)."""
+    """{"dice": mean over foreground classes, "dice_per_class": [classes 1..C-1]}; NaN where
+    undefined."""
     per_sample = dice_per_sample(predictions, targets, num_classes)[:, 1:]
     defined = ~np.isnan(per_sample)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -100,7 +101,8 @@ def dice_summary(predictions: np.ndarray, targets: np.ndarray, num_classes: int)
             "dice_per_class": per_class.tolist()}
 
 
-def recall_at_k(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+def recall_at_k(similarity: np.ndarray, relevant: np.ndarray,
+                ks: Sequence[int]) -> dict[int, float]:
     """Expected recall@k under random tie order: {k: mean over queries of P(hit in top k)}.
 
     similarity: (Q, C) query-candidate scores; relevant: (Q, C) bool, at least one True per row.

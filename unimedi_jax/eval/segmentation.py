@@ -139,5 +139,5 @@ def _init_decoder(vit, decoder, batch, modality: str, seed: int) -> dict:
     x = jnp.asarray(batch[features.input_key(modality)])
     grid = tuple(s // p for s, p in zip(x.shape[1:], decoder.patch))
     tokens = jnp.zeros((x.shape[0], math.prod(grid), vit.width))
-    layers = [tokens] * len(decoder.skip_layers)
-    return jax.jit(lambda: decoder.init(jax.random.key(seed), x, tokens, layers, grid))()["params"]
+    return decoders.init_params(decoder, seed, x, tokens, [tokens] * len(decoder.skip_layers),
+                                grid)

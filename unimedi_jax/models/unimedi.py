@@ -33,8 +33,9 @@ def teacher_params(params: dict) -> dict:
 
 def _text_config(cfg) -> tuple[str, bert.BertConfig]:
     """(checkpoint folder, BertConfig) of `config.model.text`, without reading the weights."""
-    folder = cfg.checkpoint or bert.default_checkpoint()
-    text = bert.BertConfig.from_json(Path(folder) / bert.CONFIG_NAME, dtype=jnp.dtype(cfg.dtype))
+    folder = str(Path(cfg.checkpoint).expanduser()) if cfg.checkpoint else bert.default_checkpoint()
+    dtype = jnp.dtype(cfg.get("dtype", "float32"))  # configs saved before the key: float32
+    text = bert.BertConfig.from_json(Path(folder) / bert.CONFIG_NAME, dtype=dtype)
     if cfg.num_layers:
         if not 1 <= cfg.num_layers <= text.num_hidden_layers:
             raise ValueError(f"model.text.num_layers={cfg.num_layers} is outside "
@@ -71,7 +72,7 @@ class UniMedI:
             txt_proj=heads.Projection(m.proj_dim, dtype=vit.dtype),
             dino_head=heads.DINOHead(m.dino.out_dim, m.dino.hidden_dim, m.dino.bottleneck_dim,
                                      m.dino.norm_last_layer, dtype=vit.dtype),
-            text_checkpoint=str(folder), temperature=config.objective.clip.temperature)
+            text_checkpoint=folder, temperature=config.objective.clip.temperature)
 
     def init_random(self, rng: Array) -> dict:
         """Randomly initialised params for everything but the text encoder (jittable)."""
@@ -80,10 +81,11 @@ class UniMedI:
         volume = jnp.zeros((1, *v.volume_size), jnp.float32)
         image = jnp.zeros((1, 1, v.image_size, v.image_size), jnp.float32)
         width = jnp.zeros((1, v.width), jnp.float32)
+        text_width = jnp.zeros((1, self.text.config.hidden_size), jnp.float32)
         return {
             "vision": v.init(r_vit, volume=volume, images=image)["params"],
             "img_proj": self.img_proj.init(r_img, width)["params"],
-            "txt_proj": self.txt_proj.init(r_txt, jnp.zeros((1, self.text.config.hidden_size)))["params"],
+            "txt_proj": self.txt_proj.init(r_txt, text_width)["params"],
             "dino_head": self.dino_head.init(r_head, width)["params"],
             "logit_scale": jnp.asarray(math.log(1.0 / self.temperature), jnp.float32),
         }

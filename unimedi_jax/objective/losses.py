@@ -38,7 +38,7 @@ def clip_loss(img_emb: Array, txt_emb: Array, logit_scale: Array | float) -> Arr
 def _distill_ce(student_logits: Array, teacher_logits: Array, center: Array,
                 student_temp: float, teacher_temp: float) -> Array:
     """Per-row -sum_k softmax((t - c)/tt) * log_softmax(s/ts) (..., K) -> (...); teacher stopped."""
-    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32) + center)
+    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32) - center)
     target = jax.nn.softmax(t / teacher_temp, axis=-1)
     log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
     return -jnp.sum(target * log_p, axis=-1)

@@ -52,7 +52,8 @@ def num_keep(n: int, keep_ratio: float) -> int:
 
 
 def _top_in_blocks(scores: Array, keep: int, offset: int) -> Array:
-    """scores (B, g, n): per block the `keep` best positions, ascending, as flat indices (B, g*keep)."""
+    """scores (B, g, n) of g consecutive blocks that start at sequence position `offset` ->
+    each block's `keep` best positions, ascending, as sequence indices (B, g*keep)."""
     b, g, n = scores.shape
     _, idx = jax.lax.top_k(scores, keep)
     idx = jnp.sort(idx, axis=-1) + offset + n * jnp.arange(g)[:, None]
@@ -70,7 +71,8 @@ def keep_indices(scores: Array, layout: Layout, keep_ratio: float) -> Array:
     b = scores.shape[0]
     parts = []
     if layout.n3:
-        parts.append(_top_in_blocks(scores[:, None, :layout.n3], num_keep(layout.n3, keep_ratio), 0))
+        n3_keep = num_keep(layout.n3, keep_ratio)
+        parts.append(_top_in_blocks(scores[:, None, :layout.n3], n3_keep, 0))
     if layout.k:
         blocks = scores[:, layout.n3:].reshape(b, layout.k, layout.n2)
         parts.append(_top_in_blocks(blocks, num_keep(layout.n2, keep_ratio), layout.n3))

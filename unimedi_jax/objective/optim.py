@@ -1,5 +1,5 @@
-"""The pretraining optimiser (paper §4.1, MGCA): AdamW with a weight-decay mask, global-norm
-clipping, and frozen parameters (text layers outside `model.text.trainable_layers`, and the
+"""The pretraining optimiser (paper §4.1, MGCA): AdamW with a weight-decay mask, gradient
+clipping (per parameter, as DINO, or global norm), and frozen parameters (text layers outside `model.text.trainable_layers`, and the
 logit scale when `objective.clip.learnable` is off)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from unimedi_jax.objective import schedules
@@ -39,17 +40,17 @@ def trainable_mask(params: PyTree, config) -> PyTree:
     `objective.clip.learnable`. Every other leaf trains.
     """
     n = config.model.text.trainable_layers
-    text_layers = sorted(int(k[len(TEXT_LAYER_PREFIX):]) for k in params["text"]
-                         if k.startswith(TEXT_LAYER_PREFIX))
-    if not -1 <= n <= len(text_layers):
+    num_layers = sum(k.startswith(TEXT_LAYER_PREFIX) for k in params["text"])
+    if not -1 <= n <= num_layers:
         raise ValueError(f"model.text.trainable_layers={n} must be -1 (all) or in "
-                         f"0..{len(text_layers)} (text layers)")
-    first_trained = len(text_layers) - n
+                         f"0..{num_layers} (text layers)")
+    first_trained = num_layers - n
 
     def text_trains(key: str) -> bool:
         if n == -1:
             return True
-        return key.startswith(TEXT_LAYER_PREFIX) and int(key[len(TEXT_LAYER_PREFIX):]) >= first_trained
+        return (key.startswith(TEXT_LAYER_PREFIX)
+                and int(key[len(TEXT_LAYER_PREFIX):]) >= first_trained)
 
     mask = {k: jax.tree.map(lambda _: True, v) for k, v in params.items()}
     mask["text"] = {k: jax.tree.map(lambda _: text_trains(k), v) for k, v in params["text"].items()}
@@ -57,14 +58,31 @@ def trainable_mask(params: PyTree, config) -> PyTree:
     return mask
 
 
+def clip_per_parameter(max_norm: float) -> optax.GradientTransformation:
+    """Scales each leaf's gradient to norm <= max_norm on its own (DINO's `clip_gradients`).
+
+    Unlike a global-norm clip, a large gradient in one leaf (the DINO head's early on) does not
+    shrink the gradients of all the others.
+    """
+    def scale(g):
+        norm = optax.tree.norm(g)
+        return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+
+    return optax.stateless(lambda updates, params=None: jax.tree.map(scale, updates))
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW (config.optim) on the trainable leaves, zero updates on the frozen ones.
 
-    Global-norm clipping (optim.grad_clip_norm, off when 0) runs over the trainable gradients;
-    the learning rate follows `schedules.learning_rate` over config.total_steps.
+    Clipping (optim.grad_clip_norm, off when 0; optim.grad_clip_mode "per_parameter" as DINO or
+    "global") runs over the trainable gradients; the learning rate follows
+    `schedules.learning_rate` over config.total_steps.
     """
     o = config.optim
-    chain = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+    clip = {"per_parameter": clip_per_parameter, "global": optax.clip_by_global_norm}
+    if o.grad_clip_mode not in clip:
+        raise ValueError(f"optim.grad_clip_mode={o.grad_clip_mode!r}; choose one of {sorted(clip)}")
+    chain = [clip[o.grad_clip_mode](o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     chain.append(optax.adamw(schedules.learning_rate(o, config.total_steps), b1=o.b1, b2=o.b2,
                              weight_decay=o.weight_decay, mask=decay_mask))
     labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",

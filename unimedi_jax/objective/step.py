@@ -41,7 +41,6 @@ from unimedi_jax.objective.ema import ema_update
 from unimedi_jax.objective.optim import make_optimizer, trainable_mask
 
 Array = jax.Array
-PyTree = Any
 MODALITIES = ("xray", "ct")  # batch keys, in the order their samples enter the CLIP matrix
 SELECTION_MODES = ("attentive", "random", "none")
 ON_NONFINITE = ("stop", "skip")
@@ -259,29 +258,33 @@ def make_train_step(model: UniMedI, config, optimizer: optax.GradientTransformat
 
 
 class Setup(NamedTuple):
-    """What the trainer needs: the model, the optimiser, `init(rng, sample_batch) -> state`
-    (jittable) and `train_step(state, batch, rng) -> (state, metrics)`."""
+    """What the trainer needs: the model, the optimiser, the text weights (host numpy, or None
+    for a random-init text encoder), `init(rng, text_params) -> state` (jittable; the weights
+    enter as an argument, not as constants) and `train_step(state, batch, rng) -> (state,
+    metrics)`."""
 
     model: UniMedI
     optimizer: optax.GradientTransformation
-    init: Callable[[Array, Any], dict]
+    text_params: dict | None
+    init: Callable[[Array, dict | None], dict]
     train_step: Callable[[dict, dict, Array], tuple[dict, dict]]
 
 
-def make_setup(config) -> Setup:
+def make_setup(config, random_text: bool = False) -> Setup:
     """Builds the model and optimiser and loads the text checkpoint once (host memory).
 
-    `init(rng, sample_batch)` initialises the vision encoder and heads from `rng` and takes the
-    text encoder from the checkpoint (the loaded weights enter a jitted `init` as constants);
-    parameter shapes depend on the config only, so `sample_batch` is not read.
+    random_text: initialise the text encoder randomly instead (its config.json still comes from
+    config.model.text.checkpoint), e.g. to benchmark BioClinicalBERT shapes without weights.
     """
     model = UniMedI.from_config(config)
     optimizer = make_optimizer(config)
-    text_params = model.load_text_params()
 
-    def init(rng: Array, sample_batch: Any = None) -> dict:
-        del sample_batch
-        params = {**model.init_random(rng), "text": text_params}
-        return init_state(model, params, optimizer)
+    def init(rng: Array, text_params: dict | None = None) -> dict:
+        r_model, r_text = jax.random.split(rng)
+        if text_params is None:
+            ids = jnp.ones((1, 1), jnp.int32)
+            text_params = model.text.init(r_text, ids, ids)["params"]
+        return init_state(model, {**model.init_random(r_model), "text": text_params}, optimizer)
 
-    return Setup(model, optimizer, init, make_train_step(model, config, optimizer))
+    text_params = None if random_text else model.load_text_params()
+    return Setup(model, optimizer, text_params, init, make_train_step(model, config, optimizer))

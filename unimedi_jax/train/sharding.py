@@ -20,7 +20,11 @@ FSDP_MIN_SIZE = 2 ** 14  # smaller leaves stay replicated: splitting them costs 
 
 
 def make_mesh(spec: Sequence[Sequence[Any]], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a Mesh from [(axis, size), ...]; a size of -1 takes the remaining devices."""
+    """Builds a Mesh from [(axis, size), ...]; a size of -1 takes the remaining devices.
+
+    Without -1 the mesh may use fewer devices than there are (the first ones), e.g. one device
+    of eight to compare against a data-parallel run.
+    """
     devices = list(jax.devices() if devices is None else devices)
     names = [str(name) for name, _ in spec]
     unknown = set(names) - set(BATCH_AXES)
@@ -35,9 +39,11 @@ def make_mesh(spec: Sequence[Sequence[Any]], devices: Sequence[jax.Device] | Non
             raise ValueError(f"config.mesh={list(spec)}: {len(devices)} devices are not divisible"
                              f" by the fixed axis sizes ({fixed})")
         sizes[sizes.index(-1)] = len(devices) // fixed
-    if math.prod(sizes) != len(devices):
+    if math.prod(sizes) > len(devices) or (-1 in [int(s) for _, s in spec]
+                                            and math.prod(sizes) != len(devices)):
         raise ValueError(f"config.mesh={list(spec)} needs {math.prod(sizes)} devices, "
                          f"{len(devices)} are available")
+    devices = devices[:math.prod(sizes)]
     for axis in BATCH_AXES:  # both axes always exist, so specs can name them
         if axis not in names:
             names.append(axis)

@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
 
-    abstract = jax.eval_shape(setup.init, init_rng)
+    abstract = jax.eval_shape(setup.init, init_rng, setup.text_params)
     state_sharding = shd.state_shardings(mesh, abstract)
     batch_sharding = shd.batch_sharding(mesh)
     repl = shd.replicated(mesh)
@@ -147,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = checkpointer.latest_step()
     train_iter = data.train_iterator()
     if start is None:
-        state = jax.jit(setup.init, out_shardings=state_sharding)(init_rng)
+        state = jax.jit(setup.init, out_shardings=state_sharding)(init_rng, setup.text_params)
         start = 0
     else:
         logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
