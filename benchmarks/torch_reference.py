@@ -12,12 +12,13 @@ per step
 2. the teacher encodes the full (mixed) input: DINO-head targets for CLS and patches, and its
    attention keeps the best `keep_ratio` of each modality block (`drop` style);
 3. the student encodes the kept tokens and the reports: CLIP + DINO CLS + iBOT patch losses;
-4. AdamW (global-norm clipping, no decay on biases/norms/embeddings, frozen text layers), the
-   EMA teacher update and the DINO centres, with the JAX step's schedules.
+4. gradient clipping (per parameter or global, as `optim.grad_clip_mode`), AdamW (no decay on
+   biases, norms, position/CLS/modality tables and embeddings; frozen text layers), the EMA
+   teacher update and the DINO centres, with the JAX step's schedules.
 
-`TorchStep.from_jax(model, config, params)` copies the weights of a JAX state, so both steps
-start from the same point and their losses can be compared. Implemented: selection `attentive`
-or `none`, masking `attentive` + `drop`, joint CLIP; anything else raises.
+`TorchStep(model, config, params)` copies the weights of a JAX state, so both steps start from
+the same point and their losses can be compared. Implemented: selection `attentive` or `none`,
+masking `attentive` + `drop`, joint CLIP; anything else raises.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from unimedi_jax.objective.optim import NO_DECAY_NAMES
 
 L2_EPS = 1e-12  # torch.nn.functional.normalize default, as the JAX losses and heads
 ADAM_EPS = 1e-8  # optax.adamw default
+CLIP_EPS = 1e-6  # optim.clip_per_parameter (and torch's clip_grad_norm_)
 # Config values this reference implements (others raise in `TorchStep`).
 SUPPORTED = {
     "selection.mode": ("attentive", "none"),
@@ -51,6 +53,7 @@ SUPPORTED = {
     "masking.style": ("drop",),
     "clip.joint": (True,),
 }
+CLIP_MODES = ("per_parameter", "global")
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -274,6 +277,9 @@ class TorchStep:
             if obj[section][name] not in allowed:
                 raise ValueError(f"objective.{key}={obj[section][name]!r}: the PyTorch "
                                  f"reference implements {allowed}")
+        if config.optim.grad_clip_mode not in CLIP_MODES:
+            raise ValueError(f"optim.grad_clip_mode={config.optim.grad_clip_mode!r}: the PyTorch "
+                             f"reference implements {CLIP_MODES}")
         self.config, self.obj = config, obj
         self.patch_depth = model.vit.patch_size_3d[0]
         self.student = UniMedITorch(model)
@@ -374,14 +380,26 @@ class TorchStep:
         loss = loss + sd.w_icl * icl + sd.w_pcl * pcl
         return loss, cls_target, torch.cat([targets[k][2] for k in kinds])
 
+    def _clip(self) -> None:
+        """optim.make_optimizer's clipping: each gradient to norm <= grad_clip_norm on its own
+        ("per_parameter", DINO) or all of them together ("global")."""
+        o = self.config.optim
+        if o.grad_clip_norm <= 0:
+            return
+        if o.grad_clip_mode == "global":
+            torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip_norm, foreach=True)
+            return
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        scales = [torch.clamp(o.grad_clip_norm / (n + CLIP_EPS), max=1.0)
+                  for n in torch._foreach_norm(grads)]
+        torch._foreach_mul_(grads, scales)
+
     def step(self, batch: dict) -> torch.Tensor:
         t = min(self.count, len(self.lr) - 1)
         loss, cls_target, patch_mean = self.losses(batch, self.patch_temp[t],
                                                    self.centers["cls"], self.centers["patch"])
         loss.backward()
-        o = self.config.optim
-        if o.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip_norm, foreach=True)
+        self._clip()
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[t])
         self.optimizer.step()

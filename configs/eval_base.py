@@ -38,5 +38,8 @@ def get_base(task: str, modality: str) -> ml_collections.ConfigDict:
         # DEFAULT_EXAMPLES, the same build as pretraining's)
         build_options=dict(num_train=None, num_validation=None, num_test=None),
         max_examples=dict(train=0, validation=0, test=0),  # first n of each split; 0 = all
+        # share of train held out for early stopping when a dataset has no validation split
+        # (BCV: train/test only); 0.2 = 5 of its 24 training scans
+        validation_from_train=0.2,
     ))
     return c

@@ -69,7 +69,8 @@ def test_torch_reference_follows_the_jax_step(results):
     """Same weights, same batch: the losses of the first steps agree, and they change from
     step to step (so the optimiser, EMA and centre updates agree too)."""
     r = results["train_step"]
-    np.testing.assert_allclose(r["torch_losses"], r["jax_losses"], rtol=2e-6)
+    # float32 rounding, amplified by Adam on gradients at the noise level (|g| ~ eps)
+    np.testing.assert_allclose(r["torch_losses"], r["jax_losses"], rtol=1e-5)
     assert np.min(np.abs(np.diff(r["jax_losses"]))) > 1e-3
 
 

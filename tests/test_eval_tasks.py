@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from unimedi_jax.eval import features, retrieval, tasks
+from unimedi_jax.eval import features, metrics, retrieval, tasks
 from unimedi_jax.models.unimedi import UniMedI, teacher_params
 from unimedi_jax.train import checkpoint
 
@@ -281,7 +281,7 @@ def test_segmentation_learns_planted_mask():
     loss, predict = segmentation.make_model(config, vit, decoder, table)
     sample = batch(8)
     params = {"vision": jax.jit(vit.init)(jax.random.key(0), images=sample["image"])["params"],
-              "decoder": segmentation._init_decoder(vit, decoder, sample, "xray", 0)}
+              "decoder": segmentation.init_decoder(vit, decoder, sample, "xray", 0)}
     train = iter(lambda: batch(8), None)
     val = [(batch(8), 8)]
     trained, _ = tasks.fit(loss, {"decoder": params["decoder"]}, {"vision": params["vision"]},
@@ -290,6 +290,56 @@ def test_segmentation_learns_planted_mask():
     test = batch(16)
     out = jax.jit(predict)({"vision": params["vision"], **trained}, test)
     np.testing.assert_array_equal(out["target"], table[test["mask"]])
-    dice = segmentation.metrics.dice_summary(np.asarray(out["pred"]), np.asarray(out["target"]),
-                                             2)["dice"]
+    dice = metrics.dice_summary(np.asarray(out["pred"]), np.asarray(out["target"]), 2)["dice"]
     assert dice > 0.8, dice
+
+
+def test_built_phantom_runs_a_task(tmp_path, pretrained):
+    """The non-procedural path: build_dataset writes the phantom to data_dir; the task reads it."""
+    config = tiny("slice_selection", init_from=pretrained)
+    config.data.procedural = False
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.build_options.update(num_train=6, num_validation=2, num_test=5)
+    config.ks = (1,)
+    sources, names = tasks.open_splits(config.data, ("train", "test"))
+    assert [len(sources[s]) for s in ("train", "test")] == [6, 5] and names[0] == "nodule"
+    assert (tmp_path / "data" / "phantom").is_dir()
+    out = run_task(config, tmp_path / "run")
+    assert out["metrics"]["k=1"]["slice_precision_volumes"] <= 5
+
+
+class _FakeBuilder:
+    """A prepared dataset with only the given splits (10 train records, 3 test records)."""
+
+    def __init__(self, splits):
+        self.info = ml_collections.ConfigDict({"splits": {s: 0 for s in splits},
+                                               "metadata": {"label_names": ["a"]}})
+
+    def as_data_source(self, split):
+        return [{"split": split, "i": i} for i in range(10 if split == "train" else 3)]
+
+
+def test_validation_carved_from_train_when_missing(monkeypatch):
+    from data_prep import build
+
+    splits = ["train", "test"]
+    monkeypatch.setattr(build, "build_dataset", lambda *a, **k: _FakeBuilder(splits))
+    data = ml_collections.ConfigDict(dict(name="bcv", data_dir="/x", build_options={},
+                                          validation_from_train=0.2, max_examples={}))
+    sources, names = tasks.open_splits(data)
+    train = [r["i"] for r in sources["train"]]
+    val = [r["i"] for r in sources["validation"]]
+    assert names == ("a",) and len(val) == 2 and len(train) == 8
+    assert sorted(train + val) == list(range(10))
+    assert all(r["split"] == "train" for r in sources["validation"])
+    assert len(sources["test"]) == 3
+    splits.remove("test")
+    with pytest.raises(ValueError, match=r"no split\(s\) \['test'\]"):
+        tasks.open_splits(data)
+
+
+def test_init_from_not_a_workdir(tmp_path):
+    config = tiny("slice_selection", init_from=(tmp_path / "nowhere",))
+    with pytest.raises(FileNotFoundError, match="not a unimedi_jax workdir"):
+        tasks.load_model(config, with_text=False)
+    assert not (tmp_path / "nowhere").exists()

@@ -24,6 +24,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 # task name -> "module:function(config, workdir)"
 TASKS = {
     "pretrain": "unimedi_jax.train.trainer:train_and_evaluate",
+    "linear_probe": "unimedi_jax.eval.linear_probe:run",
+    "finetune": "unimedi_jax.eval.finetune:run",
+    "segmentation": "unimedi_jax.eval.segmentation:run",
+    "retrieval": "unimedi_jax.eval.retrieval:run",
+    "slice_selection": "unimedi_jax.eval.selection_eval:run",
+    "zero_shot": "unimedi_jax.eval.zero_shot:run",
 }
 
 

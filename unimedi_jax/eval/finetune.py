@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimedi_jax.data import pipeline
 from unimedi_jax.eval import features, linear_probe, tasks
 
 
@@ -44,36 +43,31 @@ def run(config, workdir: str) -> dict:
     sources, label_names = tasks.open_splits(config.data)
     columns = tasks.label_columns(label_names, config.data.labels)
     names = [label_names[c] for c in columns]
-    modality = config.data.modality
     loaded = tasks.load_model(config, with_text=False)
     vit = loaded.model.vit
     head = nn.Dense(len(columns))
-    loss, logits = make_loss(vit, head, modality, columns, config.label_type)
+    loss, logits = make_loss(vit, head, config.data.modality, columns, config.label_type)
     predict = jax.jit(lambda params, batch: {"logits": logits(params, batch)})
-    eval_batches = lambda split: features.eval_batches(
-        sources[split], modality=modality, crop_size=config.data.crop_size,
-        batch_size=config.batch_size, name=tasks.split_name(config.data, split))
-    # Checks the label type of every split's labels before training.
-    test_labels = features.apply_batched(None, None, eval_batches("test"), keep=("labels",))
+    # The test targets first: labels that do not fit config.label_type fail before training.
+    test_labels = features.apply_batched(None, None, tasks.split_batches(config, sources, "test"),
+                                         keep=("labels",))
     test_targets = tasks.targets(test_labels["labels"][:, columns], config.label_type,
                                  tasks.split_name(config.data, "test"))
 
     results = {}
     for fraction in config.fractions:
         rows = tasks.fraction_indices(len(sources["train"]), fraction, config.seed)
-        train = pipeline.make_dataset(
-            features.Subset(sources["train"], rows), modality=modality,
-            batch_size=config.optim.batch_size, train=True, crop_size=config.data.crop_size,
-            tokenizer_folder=None, seed=config.seed,
-            name=tasks.split_name(config.data, "train"), process_index=0, process_count=1)
         params = {"vision": loaded.params["vision"],
                   "head": head.init(jax.random.key(config.seed),
                                     jnp.zeros((1, vit.width)))["params"]}
         params, history = tasks.fit(
-            loss, params, None, tasks.adamw(config.optim), iter(train),
-            -(-len(rows) // config.optim.batch_size), lambda: eval_batches("validation"),
+            loss, params, None, tasks.adamw(config.optim),
+            tasks.train_batches(config, sources["train"], rows),
+            -(-len(rows) // config.optim.batch_size),
+            lambda: tasks.split_batches(config, sources, "validation"),
             max_epochs=config.optim.max_epochs, patience=config.optim.patience)
-        test = features.apply_batched(predict, params, eval_batches("test"))["logits"]
+        test = features.apply_batched(predict, params,
+                                      tasks.split_batches(config, sources, "test"))["logits"]
         results[f"{fraction:g}"] = {
             "num_train": int(len(rows)),
             **linear_probe.classification_metrics(test, test_targets, config.label_type, names),

@@ -71,17 +71,13 @@ def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
 
 def extract(config, loaded: tasks.Loaded, sources: dict, columns: Sequence[int]) -> dict:
     """{split: (features (N, width), targets)} of every split, encoded once."""
-    modality = config.data.modality
-    encode = jax.jit(features.backbone_features(loaded.model.vit, modality))
+    encode = jax.jit(features.backbone_features(loaded.model.vit, config.data.modality))
     out = {}
-    for split, source in sources.items():
-        name = tasks.split_name(config.data, split)
-        batches = features.eval_batches(source, modality=modality,
-                                        crop_size=config.data.crop_size,
-                                        batch_size=config.batch_size, name=name)
-        got = features.apply_batched(encode, loaded.params["vision"], batches, keep=("labels",))
+    for split in sources:
+        got = features.apply_batched(encode, loaded.params["vision"],
+                                     tasks.split_batches(config, sources, split), keep=("labels",))
         out[split] = (got["features"], tasks.targets(got["labels"][:, columns], config.label_type,
-                                                     name))
+                                                     tasks.split_name(config.data, split)))
     return out
 
 

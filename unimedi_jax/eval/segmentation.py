@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimedi_jax.data import pipeline
 from unimedi_jax.eval import decoders, features, losses, metrics, tasks
 
 DECODERS = ("setr_pup", "unetr")
@@ -101,31 +100,24 @@ def run(config, workdir: str) -> dict:
     decoder = make_decoder(config, vit, 1 if config.loss == "focal_dice" else len(class_names))
     loss, predict = make_model(config, vit, decoder, table)
     predict = jax.jit(predict)
-    eval_batches = lambda split: features.eval_batches(
-        sources[split], modality=modality, crop_size=config.data.crop_size,
-        batch_size=config.batch_size, fields=("mask",), name=tasks.split_name(config.data, split))
+    eval_batches = lambda split: tasks.split_batches(config, sources, split, fields=("mask",))
 
+    sample = next(iter(eval_batches("validation")))[0]
     results = {}
     for fraction in config.fractions:
         rows = tasks.fraction_indices(len(sources["train"]), fraction, config.seed)
-        train = pipeline.make_dataset(
-            features.Subset(sources["train"], rows), modality=modality,
-            batch_size=config.optim.batch_size, train=True, crop_size=config.data.crop_size,
-            tokenizer_folder=None, seed=config.seed, with_mask=True,
-            name=tasks.split_name(config.data, "train"), process_index=0, process_count=1)
-        sample = next(iter(eval_batches("validation")))[0]
         params = {"vision": loaded.params["vision"],
-                  "decoder": _init_decoder(vit, decoder, sample, modality, config.seed)}
+                  "decoder": init_decoder(vit, decoder, sample, modality, config.seed)}
         keys = ("vision", "decoder") if config.train_encoder else ("decoder",)
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}
         trainable, history = tasks.fit(
-            loss, trainable, frozen, tasks.adamw(config.optim), iter(train),
+            loss, trainable, frozen, tasks.adamw(config.optim),
+            tasks.train_batches(config, sources["train"], rows, with_mask=True),
             -(-len(rows) // config.optim.batch_size), lambda: eval_batches("validation"),
             max_epochs=config.optim.max_epochs, patience=config.optim.patience)
         test = features.apply_batched(predict, {**frozen, **trainable}, eval_batches("test"))
-        summary = metrics.dice_summary(test["pred"], test["target"],
-                                       2 if config.data.seg_binary else len(class_names))
+        summary = metrics.dice_summary(test["pred"], test["target"], len(class_names))
         results[f"{fraction:g}"] = {
             "num_train": int(len(rows)), "dice": summary["dice"],
             "dice_per_class": dict(zip(class_names[1:], summary["dice_per_class"])),
@@ -134,7 +126,7 @@ def run(config, workdir: str) -> dict:
         "metrics": results, "classes": class_names, "decoder": config.decoder})
 
 
-def _init_decoder(vit, decoder, batch, modality: str, seed: int) -> dict:
+def init_decoder(vit, decoder, batch, modality: str, seed: int) -> dict:
     """Decoder params for the input shape of `batch` (tokens of the encoder's width)."""
     x = jnp.asarray(batch[features.input_key(modality)])
     grid = tuple(s // p for s, p in zip(x.shape[1:], decoder.patch))

@@ -6,7 +6,8 @@ Data (`config.data`): `name` is a data_prep dataset, built into `data_dir` on fi
 gets `modality=data.modality`) and read as `builder.as_data_source(split)`. For the phantom,
 `procedural=True` generates the same records on the fly instead
 (`pipeline.ProceduralPhantomSource`; `build_options` give the split sizes `num_<split>` and the
-`PhantomOptions`).
+`PhantomOptions`). A dataset without a validation split gets one carved from its training
+split (`data.validation_from_train`); `data.max_examples` caps each split.
 
 Encoder (`config.init_from`): a pretraining workdir (its "params" = the student, or the EMA
 "teacher" with `config.init_params`), with the model built from that workdir's config; empty
@@ -83,18 +84,55 @@ def open_splits(data_cfg, splits: Sequence[str] = SPLITS) -> tuple[dict, tuple[s
         raise ValueError(f"Dataset {data_cfg.name} has several parts; name one with "
                          "config.data.build_options")
     available = set(builder.info.splits)
-    missing = [s for s in splits if s not in available]
+    carve = "validation" in splits and "validation" not in available and "train" in available
+    missing = [s for s in splits if s not in available and not (carve and s == "validation")]
     if missing:
         raise ValueError(f"Dataset {data_cfg.name} in {data_dir} has no split(s) {missing}; "
                          f"it has {sorted(available)}")
+    sources = {s: builder.as_data_source(s) for s in splits if s in available}
+    if carve:
+        sources.update(_carve_validation(builder.as_data_source("train"),
+                                         data_cfg.validation_from_train))
     names = tuple(builder.info.metadata["label_names"])
-    return _limit({s: builder.as_data_source(s) for s in splits}, data_cfg), names
+    return _limit({s: sources[s] for s in splits}, data_cfg), names
+
+
+def _carve_validation(train, fraction: float) -> dict:
+    """{"train", "validation"}: a fixed random `fraction` of a training split (seed 0, at least
+    one record) held out, for datasets published without a validation split (BCV)."""
+    if not 0.0 < fraction < 1.0 or len(train) < 2:
+        raise ValueError(f"config.data.validation_from_train={fraction} must lie in (0, 1), and "
+                         f"the training split ({len(train)} records) must have 2 or more")
+    held = fraction_indices(len(train), fraction, seed=0)
+    logging.info("No validation split: holding out %d of %d training records", len(held),
+                 len(train))
+    return {"train": features.Subset(train, np.setdiff1d(np.arange(len(train)), held)),
+            "validation": features.Subset(train, held)}
 
 
 def _limit(sources: dict, data_cfg) -> dict:
     """The first `data.max_examples[split]` records of each split (0 or absent: all)."""
     limits = data_cfg.get("max_examples") or {}
     return {s: features.head(src, limits.get(s, 0)) for s, src in sources.items()}
+
+
+def split_batches(config, sources: dict, split: str, fields=("labels",)):
+    """`features.eval_batches` of one split with the config's crop and batch size."""
+    return features.eval_batches(sources[split], modality=config.data.modality,
+                                 crop_size=config.data.crop_size, batch_size=config.batch_size,
+                                 fields=fields, name=split_name(config.data, split))
+
+
+def train_batches(config, source, rows, with_mask: bool = False) -> Iterator[dict]:
+    """Endless shuffled, augmented batches of `config.optim.batch_size` records source[rows]
+    (`pipeline.make_dataset(train=True)`, seeded by config.seed, in this process)."""
+    from unimedi_jax.data import pipeline
+
+    return iter(pipeline.make_dataset(
+        features.Subset(source, rows), modality=config.data.modality,
+        batch_size=config.optim.batch_size, train=True, crop_size=config.data.crop_size,
+        tokenizer_folder=None, seed=config.seed, with_mask=with_mask,
+        name=split_name(config.data, "train"), process_index=0, process_count=1))
 
 
 def label_columns(label_names: Sequence[str], wanted: Sequence[str]) -> list[int]:
@@ -155,11 +193,15 @@ def load_model(config, with_text: bool) -> Loaded:
     with_text: also the text encoder and projections (retrieval, zero-shot); otherwise params
     hold "vision" (and the heads when pretrained).
     """
-    which = config.get("init_params", "params")
+    which = config.init_params
     if config.init_from:
-        model_cfg, params = checkpoint.load_pretrained(config.init_from, which=which)
-        step = checkpoint.Checkpointer(config.init_from, max_to_keep=None,
-                                       asynchronous=False).latest_step()
+        checkpoint.load_config(config.init_from)  # a clear error when it is not a workdir
+        ckpt = checkpoint.Checkpointer(config.init_from, max_to_keep=None, asynchronous=False)
+        step = ckpt.latest_step()
+        ckpt.close()
+        if step is None:
+            raise FileNotFoundError(f"config.init_from={config.init_from!r} holds no checkpoint")
+        model_cfg, params = checkpoint.load_pretrained(config.init_from, step, which=which)
         if with_text and "text" not in params:
             raise ValueError(f"config.init_params={which!r} holds no text encoder; use 'params' "
                              "(the student) for tasks that encode reports")
