@@ -1,6 +1,6 @@
 """Times the full UniMedI train step in JAX, and optionally the same step in PyTorch.
 
-    python -m benchmarks.train_step --preset=cpu --compare-torch [--steps=5] [--rounds=3]
+    python -m benchmarks.train_step --preset=cpu --compare-torch [--steps=1] [--rounds=15]
 
 The JAX step is the trainer's: `jax.jit(train_step)` with the state's shardings over the
 config's mesh and the state donated. Both implementations start from the same weights
@@ -8,7 +8,9 @@ config's mesh and the state donated. Both implementations start from the same we
 The first PARITY_STEPS steps of each are not timed; their losses are reported
 (`*_losses`), a check that both run the same computation. Then `--rounds` rounds, each
 timing `--steps` steps of JAX, PyTorch eager and PyTorch `torch.compile` in turn (so a change
-in machine load hits all three), and the medians are reported.
+in machine load hits all three): per implementation the median and minimum step time, the
+process CPU seconds per step, and `*_over_jax`, the median over rounds of its time divided by
+the JAX time of the same round.
 
 FLOPs per step: the analytic count (`common.step_flops`), cross-checked against the dots and
 convolutions of the compiled HLO (`xla_matmul_flops`) and XLA's cost analysis (`xla_flops`,
@@ -36,8 +38,10 @@ from unimedi_jax.objective import step as step_lib
 from unimedi_jax.train import sharding as shd
 
 PARITY_STEPS = 3  # untimed first steps (warm-up) whose losses both implementations report
-DEFAULT_STEPS = {"tiny": 2, "cpu": 5, "vits16": 2, "vitb16": 2}
-DEFAULT_ROUNDS = {"tiny": 1, "cpu": 3, "vits16": 2, "vitb16": 2}
+# Timed steps per round and rounds: one step per implementation per round interleaves them
+# finely, so changes in machine load hit all of them alike.
+DEFAULT_STEPS = {"tiny": 2, "cpu": 1, "vits16": 1, "vitb16": 1}
+DEFAULT_ROUNDS = {"tiny": 1, "cpu": 15, "vits16": 4, "vitb16": 4}
 SEED = 0
 BREAKDOWN_REPEATS = 5
 
@@ -111,43 +115,75 @@ def _torch_runner(make, batch, label: str, result: dict):
         return None
 
 
-def block_breakdown(vit, batch: int, tokens: int, repeats: int) -> dict[str, dict]:
-    """Best-of-`repeats` forward + backward seconds and GFLOP/s of one ViT block
-    (models/vit.Block, float32) on (batch, tokens, width), and of its parts alone: the four
-    dense layers, the attention core, the exact GELU, the two LayerNorms."""
+def _best(run, repeats: int) -> float:
+    run()
+    return min(common.time_calls(run, repeats)[0])
+
+
+def block_breakdown(vit, batch: int, tokens: int, repeats: int, torch_too: bool
+                    ) -> dict[str, dict]:
+    """Best-of-`repeats` forward + backward seconds and GFLOP/s of one ViT block (float32,
+    (batch, tokens, width)) and of its parts alone: the four dense layers, the attention core
+    (softmax(q k^T) v), the exact GELU and the two LayerNorms. JAX: models/vit.Block and
+    jax.nn.dot_product_attention; with `torch_too` also timm's Block and PyTorch's
+    scaled_dot_product_attention ("... (torch)")."""
     import jax.numpy as jnp
     from unimedi_jax.models.vit import Block
 
     d, m, h = vit.width, vit.mlp_dim, vit.num_heads
+    flops = {"block": common.vit_block_flops(tokens, d, m),
+             "dense layers": 2.0 * tokens * d * (4 * d + 2 * m),
+             "attention core": 4.0 * tokens * tokens * d}
+    shapes = ((d, 3 * d), (d, d), (d, m), (m, d))
     key = jax.random.key(0)
     x = jax.random.normal(key, (batch, tokens, d), jnp.float32)
     hidden = jax.random.normal(key, (batch, tokens, m), jnp.float32)
-    block = Block(h, m)
-    weights = [jnp.full(shape, 1.0 / shape[0]) for shape in ((d, 3 * d), (d, d), (d, m), (m, d))]
     heads = x.reshape(batch, tokens, h, d // h)
+    block = Block(h, m)
 
-    def dense(p, x):
-        ws, hid = p
+    def dense(ws, x, hid):
         return sum(((hid if w.shape[0] == m else x) @ w).sum() for w in ws)
 
-    parts = {  # name: (loss(p, x), p, forward matmul FLOPs per sample)
+    losses = {  # name: (loss, differentiated arguments)
         "block": (lambda p, x: block.apply({"params": p}, x)[0].sum(),
-                  block.init(key, x)["params"], common.vit_block_flops(tokens, d, m)),
-        "dense layers": (dense, (weights, hidden), 2.0 * tokens * d * (4 * d + 2 * m)),
-        "attention core": (lambda p, x: jax.nn.dot_product_attention(p, p, x).sum(), heads,
-                           4.0 * tokens * tokens * d),
-        "exact GELU": (lambda p, x: jax.nn.gelu(p, approximate=False).sum(), hidden, 0.0),
-        "2 LayerNorms": (lambda p, x: 2 * jax.nn.standardize(p, axis=-1).sum(), x, 0.0),
+                  (block.init(key, x)["params"], x)),
+        "dense layers": (dense, ([jnp.full(s, 1.0 / s[0]) for s in shapes], x, hidden)),
+        "attention core": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v).sum(),
+                           (heads, heads, heads)),
+        "exact GELU": (lambda y: jax.nn.gelu(y, approximate=False).sum(), (hidden,)),
+        "2 LayerNorms": (lambda y: 2 * jax.nn.standardize(y, axis=-1).sum(), (x,)),
     }
-    out = {}
-    for name, (loss, p, flops) in parts.items():
-        x_in = heads if name == "attention core" else x
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        run = lambda: jax.block_until_ready(grad(p, x_in))
-        run()
-        best = min(common.time_calls(run, repeats)[0])
-        out[name] = {"s": best, "gflops": 3 * batch * flops / best / 1e9}  # fwd + bwd = 3x
-    return out
+    times = {}
+    for name, (loss, args) in losses.items():
+        grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+        times[name] = _best(lambda: jax.block_until_ready(grad(*args)), repeats)
+    if torch_too:
+        times.update({f"{k} (torch)": v for k, v in
+                      _torch_block_times(d, m, h, batch, tokens, repeats).items()})
+    return {name: {"s": t, "gflops": 3 * batch * flops.get(name.removesuffix(" (torch)"), 0.0)
+                   / t / 1e9} for name, t in times.items()}  # forward + backward = 3x forward
+
+
+def _torch_block_times(d: int, m: int, h: int, batch: int, tokens: int, repeats: int) -> dict:
+    """block_breakdown's block, dense layers and attention core in PyTorch (eager)."""
+    import functools
+    import torch
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    block = TimmBlock(d, h, mlp_ratio=m / d, qkv_bias=True,
+                      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+    x = torch.randn(batch, tokens, d, requires_grad=True)
+    hidden = torch.randn(batch, tokens, m, requires_grad=True)
+    ws = [torch.full(s, 1.0 / s[0], requires_grad=True)
+          for s in ((d, 3 * d), (d, d), (d, m), (m, d))]
+    q = torch.randn(batch, h, tokens, d // h, requires_grad=True)
+    losses = {
+        "block": lambda: block(x).sum(),
+        "dense layers": lambda: sum(((hidden if w.shape[0] == m else x) @ w).sum() for w in ws),
+        "attention core": lambda: F.scaled_dot_product_attention(q, q, q).sum(),
+    }
+    return {name: _best(lambda: loss().backward(), repeats) for name, loss in losses.items()}
 
 
 def main(argv=None) -> dict:
@@ -201,22 +237,27 @@ def main(argv=None) -> dict:
                 runners[label] = run
         del params0
 
-    times = {label: ([], []) for label in runners}
+    rounds_wall = {label: [] for label in runners}  # per round: that round's wall times
+    cpu_times = {label: [] for label in runners}
     for _ in range(rounds):
         for label, run in runners.items():
             wall, cpu = common.time_calls(run, steps)
-            times[label][0].extend(wall)
-            times[label][1].extend(cpu)
+            rounds_wall[label].append(wall)
+            cpu_times[label].extend(cpu)
     peaks.append(common.matmul_peak_flops())
 
     peak = max(peaks)
     for label in ("jax", "torch", "torch_compile"):
-        wall, cpu = times.get(label, ([], []))
+        wall = [t for r in rounds_wall.get(label, []) for t in r]
         result[f"{label}_step_s"] = _median(wall)
         result[f"{label}_step_min_s"] = min(wall) if wall else None
         result[f"{label}_step_times_s"] = wall or None
-        result[f"{label}_cpu_s"] = _median(cpu)  # process CPU seconds per step
+        result[f"{label}_cpu_s"] = _median(cpu_times.get(label, []))  # process CPU s per step
         result[f"{label}_samples_per_s"] = _rate(samples, _median(wall))
+        # paired by round (same machine load): median over rounds of (time / JAX time)
+        result[f"{label}_over_jax"] = _median([
+            _median(r) / _median(j) for r, j in zip(rounds_wall.get(label, []),
+                                                   rounds_wall["jax"])]) if wall else None
     result["torch_compile_s"] = None
     if result["torch_compile_step_s"]:  # the untimed first steps minus their run time
         result["torch_compile_s"] = (result["torch_compile_warmup_s"]
@@ -226,18 +267,20 @@ def main(argv=None) -> dict:
                   torch_mfu=(flops["total"] / result["torch_step_s"] / peak
                              if result.get("torch_step_s") else None),
                   steps=steps, rounds=rounds, load_end=os.getloadavg()[0])
-    for label in times:
-        print(f"{label:>14}: median {result[f'{label}_step_s']:.4f} s/step, "
-              f"{result[f'{label}_samples_per_s']:.2f} samples/s", flush=True)
+    for label in runners:
+        print(f"{label:>14}: median {result[f'{label}_step_s']:.4f} s/step (min "
+              f"{result[f'{label}_step_min_s']:.4f}), {result[f'{label}_samples_per_s']:.2f} "
+              f"samples/s, {result[f'{label}_cpu_s']:.3f} CPU s/step, "
+              f"{result[f'{label}_over_jax']:.2f}x the JAX step time", flush=True)
     print(f"MFU {result['mfu']:.3f} of the measured {peak / 1e9:.1f} GFLOP/s matmul peak",
           flush=True)
     if args.breakdown:
         tokens = 1 + common.token_counts(model, config)["ct"].full
         result["breakdown"] = block_breakdown(model.vit, config.data.batch_size_ct, tokens,
-                                              BREAKDOWN_REPEATS)
+                                              BREAKDOWN_REPEATS, args.compare_torch)
         print(f"one ViT block, forward + backward, {config.data.batch_size_ct} x {tokens} tokens:")
         for name, r in result["breakdown"].items():
-            print(f"{name:>16}: {r['s'] * 1e3:8.1f} ms  {r['gflops']:7.1f} GFLOP/s", flush=True)
+            print(f"{name:>24}: {r['s'] * 1e3:8.1f} ms  {r['gflops']:7.1f} GFLOP/s", flush=True)
     common.emit(result)
     return result
 
