@@ -107,12 +107,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.name = "phantom"
     c.data.data_dir = "~/.cache/unimedi_jax/data"  # built here on first use
     c.data.procedural = True            # DESIGN §6: unlimited generated training pairs
-    splits = dict(num_train=500, num_validation=256, num_test=256)  # CPU: stored splits for
-    c.data.xray = ml_collections.ConfigDict(dict(    # evaluation and the slab-position prior
-        dataset="phantom", split="train", stored_size=72, crop_size=64, options=splits))
+    # Stored phantom splits (data_prep/phantom.py defaults) serve evaluation and the slab-position
+    # prior; `options` go to the dataset's builder (e.g. num_validation=..., manifest=PATH).
+    c.data.xray = ml_collections.ConfigDict(dict(
+        dataset="phantom", split="train", stored_size=72, crop_size=64, options={}))
     c.data.ct = ml_collections.ConfigDict(dict(
         dataset="phantom", split="train", stored_size=(32, 64, 64), crop_size=(32, 64, 64),
-        options=dict(splits)))
+        options={}))
     c.data.batch_size_xray = 16         # CPU (paper: 144 in all)
     c.data.batch_size_ct = 16
     c.data.worker_count = 0             # CPU: 2 cores go to the train step
