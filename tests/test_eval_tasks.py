@@ -9,26 +9,18 @@ import ml_collections
 import numpy as np
 import pytest
 
+from unimedi_jax import main
 from unimedi_jax.eval import features, metrics, retrieval, tasks
 from unimedi_jax.models.unimedi import UniMedI, teacher_params
 from unimedi_jax.train import checkpoint
 
-# task -> module:function, as unimedi_jax.main.TASKS maps them.
-RUNNERS = {
-    "linear_probe": "unimedi_jax.eval.linear_probe:run",
-    "finetune": "unimedi_jax.eval.finetune:run",
-    "segmentation": "unimedi_jax.eval.segmentation:run",
-    "retrieval": "unimedi_jax.eval.retrieval:run",
-    "slice_selection": "unimedi_jax.eval.selection_eval:run",
-    "zero_shot": "unimedi_jax.eval.zero_shot:run",
-}
 VOLUME = (16, 32, 32)
 IMAGE = 32
 
 
 def run_task(config, workdir):
-    module, fn = RUNNERS[config.task].split(":")
-    return getattr(importlib.import_module(module), fn)(config, str(workdir))
+    """The task as `python -m unimedi_jax.main` runs it."""
+    return main.run(config, str(workdir))
 
 
 def tiny(name: str, modality: str | None = None, init_from=None) -> ml_collections.ConfigDict:

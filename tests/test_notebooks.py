@@ -90,11 +90,9 @@ def test_notebook_runs_and_draws(name, pretrained, tmp_path, monkeypatch):
     nb = _read(name)
     _inject(nb, dict(WORKDIR=str(workdir), DATA_DIR=str(data_dir), PHANTOM_SPLITS=SPLITS,
                      **OVERRIDES.get(name, {})))
+    # Raises CellExecutionError, with the cell and its traceback, when a cell fails.
     NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [out for c in nb.cells if c.cell_type == "code" for out in c.outputs
-              if out.output_type == "error"]
-    assert not errors
     figures = _figures(nb)
     assert len(figures) == 1, f"{name} drew {len(figures)} figures, expected 1"
     image = figures[0]
