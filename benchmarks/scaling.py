@@ -92,7 +92,7 @@ def comm_bytes(params: dict, config, num_devices: int, mode: str) -> dict[str, f
 
 def worker(num_devices: int, mode: str, preset: str, steps: int) -> dict:
     """Runs in a process with `num_devices` simulated devices: compile and time the step."""
-    from benchmarks.train_step import JaxStep, SEED
+    from benchmarks.train_step import SEED, JaxStep
 
     if len(jax.devices()) != num_devices:
         raise RuntimeError(f"expected {num_devices} devices, jax sees {len(jax.devices())} "
@@ -121,7 +121,7 @@ def _spawn(num_devices: int, mode: str, preset: str, steps: int) -> dict:
                XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={num_devices}".strip())
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--worker", f"--devices={num_devices}",
            f"--modes={mode}", f"--preset={preset}", f"--steps={steps}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -32,6 +32,7 @@ import time
 import traceback
 
 import jax
+import numpy as np
 
 from benchmarks import common
 from unimedi_jax.objective import step as step_lib
@@ -109,7 +110,7 @@ def _torch_runner(make, batch, label: str, result: dict):
         run = lambda: step.step(batch)
         _warm_up(run, label, result)
         return run
-    except Exception as e:  # reported, not raised: a failed torch.compile is a result
+    except Exception as e:  # noqa: BLE001  reported, not raised: a failed compile is a result
         result[f"{label}_error"] = f"{type(e).__name__}: {e}"[:2000]
         traceback.print_exc()
         return None
@@ -124,66 +125,75 @@ def block_breakdown(vit, batch: int, tokens: int, repeats: int, torch_too: bool
                     ) -> dict[str, dict]:
     """Best-of-`repeats` forward + backward seconds and GFLOP/s of one ViT block (float32,
     (batch, tokens, width)) and of its parts alone: the four dense layers, the attention core
-    (softmax(q k^T) v), the exact GELU and the two LayerNorms. JAX: models/vit.Block and
-    jax.nn.dot_product_attention; with `torch_too` also timm's Block and PyTorch's
-    scaled_dot_product_attention ("... (torch)")."""
-    import jax.numpy as jnp
+    (softmax(q k^T) v), the exact GELU and one LayerNorm. The backward pass starts from a
+    random cotangent (a constant one would let XLA simplify the weight-gradient matmuls away).
+    JAX: models/vit.Block and jax.nn.dot_product_attention; with `torch_too` also timm's Block
+    and PyTorch's scaled_dot_product_attention ("... (torch)")."""
     from unimedi_jax.models.vit import Block
 
     d, m, h = vit.width, vit.mlp_dim, vit.num_heads
     flops = {"block": common.vit_block_flops(tokens, d, m),
              "dense layers": 2.0 * tokens * d * (4 * d + 2 * m),
              "attention core": 4.0 * tokens * tokens * d}
-    shapes = ((d, 3 * d), (d, d), (d, m), (m, d))
-    key = jax.random.key(0)
-    x = jax.random.normal(key, (batch, tokens, d), jnp.float32)
-    hidden = jax.random.normal(key, (batch, tokens, m), jnp.float32)
+    normal = lambda *shape: np.random.default_rng(len(shape)).standard_normal(shape, np.float32)
+    x, hidden = normal(batch, tokens, d), normal(batch, tokens, m)
     heads = x.reshape(batch, tokens, h, d // h)
+    weights = [normal(*s) / s[0] ** 0.5 for s in ((d, 3 * d), (d, d), (d, m), (m, d))]
     block = Block(h, m)
 
     def dense(ws, x, hid):
-        return sum(((hid if w.shape[0] == m else x) @ w).sum() for w in ws)
+        return [(hid if w.shape[0] == m else x) @ w for w in ws]
 
-    losses = {  # name: (loss, differentiated arguments)
-        "block": (lambda p, x: block.apply({"params": p}, x)[0].sum(),
-                  (block.init(key, x)["params"], x)),
-        "dense layers": (dense, ([jnp.full(s, 1.0 / s[0]) for s in shapes], x, hidden)),
-        "attention core": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v).sum(),
-                           (heads, heads, heads)),
-        "exact GELU": (lambda y: jax.nn.gelu(y, approximate=False).sum(), (hidden,)),
-        "2 LayerNorms": (lambda y: 2 * jax.nn.standardize(y, axis=-1).sum(), (x,)),
+    parts = {  # name: (function, differentiated arguments)
+        "block": (lambda p, x: block.apply({"params": p}, x)[0],
+                  (block.init(jax.random.key(0), x)["params"], x)),
+        "dense layers": (dense, (weights, x, hidden)),
+        "attention core": (jax.nn.dot_product_attention, (heads, heads, heads)),
+        "exact GELU": (lambda y: jax.nn.gelu(y, approximate=False), (hidden,)),
+        "LayerNorm": (lambda y: jax.nn.standardize(y, axis=-1), (x,)),
     }
     times = {}
-    for name, (loss, args) in losses.items():
-        grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
-        times[name] = _best(lambda: jax.block_until_ready(grad(*args)), repeats)
+    for name, (f, args) in parts.items():
+        cotangent = jax.tree.map(lambda y: normal(*y.shape), jax.eval_shape(f, *args))
+        def forward_backward(*a, f=f, c=cotangent):
+            y, vjp = jax.vjp(f, *a)
+            return y, vjp(c)  # y too: else XLA drops forward work the gradients do not need
+
+        step = jax.jit(forward_backward)
+        times[name] = _best(lambda step=step, args=args: jax.block_until_ready(step(*args)),
+                            repeats)
     if torch_too:
         times.update({f"{k} (torch)": v for k, v in
-                      _torch_block_times(d, m, h, batch, tokens, repeats).items()})
+                      _torch_block_times(vit, x, hidden, weights, repeats).items()})
     return {name: {"s": t, "gflops": 3 * batch * flops.get(name.removesuffix(" (torch)"), 0.0)
                    / t / 1e9} for name, t in times.items()}  # forward + backward = 3x forward
 
 
-def _torch_block_times(d: int, m: int, h: int, batch: int, tokens: int, repeats: int) -> dict:
-    """block_breakdown's block, dense layers and attention core in PyTorch (eager)."""
+def _torch_block_times(vit, x, hidden, weights, repeats: int) -> dict[str, float]:
+    """block_breakdown's block, dense layers and attention core in PyTorch (eager), from the
+    same inputs; the cotangent is random as in JAX."""
     import functools
+
     import torch
     import torch.nn.functional as F
     from timm.models.vision_transformer import Block as TimmBlock
 
+    d, m, h = vit.width, vit.mlp_dim, vit.num_heads
     block = TimmBlock(d, h, mlp_ratio=m / d, qkv_bias=True,
                       norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
-    x = torch.randn(batch, tokens, d, requires_grad=True)
-    hidden = torch.randn(batch, tokens, m, requires_grad=True)
-    ws = [torch.full(s, 1.0 / s[0], requires_grad=True)
-          for s in ((d, 3 * d), (d, d), (d, m), (m, d))]
-    q = torch.randn(batch, h, tokens, d // h, requires_grad=True)
-    losses = {
-        "block": lambda: block(x).sum(),
-        "dense layers": lambda: sum(((hidden if w.shape[0] == m else x) @ w).sum() for w in ws),
-        "attention core": lambda: F.scaled_dot_product_attention(q, q, q).sum(),
+    leaf = lambda a: torch.tensor(a, requires_grad=True)
+    x_t, hid_t, ws = leaf(x), leaf(hidden), [leaf(w) for w in weights]
+    q = leaf(x.reshape(*x.shape[:2], h, d // h).transpose(0, 2, 1, 3))
+    parts = {
+        "block": lambda: [block(x_t)],
+        "dense layers": lambda: [(hid_t if w.shape[0] == m else x_t) @ w for w in ws],
+        "attention core": lambda: [F.scaled_dot_product_attention(q, q, q)],
     }
-    return {name: _best(lambda: loss().backward(), repeats) for name, loss in losses.items()}
+    times = {}
+    for name, f in parts.items():
+        cotangents = [torch.randn_like(y) for y in f()]
+        times[name] = _best(lambda f=f, c=cotangents: torch.autograd.backward(f(), c), repeats)
+    return times
 
 
 def main(argv=None) -> dict:
@@ -254,10 +264,10 @@ def main(argv=None) -> dict:
         result[f"{label}_step_times_s"] = wall or None
         result[f"{label}_cpu_s"] = _median(cpu_times.get(label, []))  # process CPU s per step
         result[f"{label}_samples_per_s"] = _rate(samples, _median(wall))
-        # paired by round (same machine load): median over rounds of (time / JAX time)
-        result[f"{label}_over_jax"] = _median([
-            _median(r) / _median(j) for r, j in zip(rounds_wall.get(label, []),
-                                                   rounds_wall["jax"])]) if wall else None
+        if label != "jax":  # paired by round (same load): median of (time / JAX time)
+            result[f"{label}_over_jax"] = _median([
+                _median(r) / _median(j) for r, j in zip(rounds_wall.get(label, []),
+                                                       rounds_wall["jax"])]) if wall else None
     result["torch_compile_s"] = None
     if result["torch_compile_step_s"]:  # the untimed first steps minus their run time
         result["torch_compile_s"] = (result["torch_compile_warmup_s"]
@@ -268,10 +278,10 @@ def main(argv=None) -> dict:
                              if result.get("torch_step_s") else None),
                   steps=steps, rounds=rounds, load_end=os.getloadavg()[0])
     for label in runners:
+        ratio = f", {result[f'{label}_over_jax']:.2f}x the JAX step time" if label != "jax" else ""
         print(f"{label:>14}: median {result[f'{label}_step_s']:.4f} s/step (min "
               f"{result[f'{label}_step_min_s']:.4f}), {result[f'{label}_samples_per_s']:.2f} "
-              f"samples/s, {result[f'{label}_cpu_s']:.3f} CPU s/step, "
-              f"{result[f'{label}_over_jax']:.2f}x the JAX step time", flush=True)
+              f"samples/s, {result[f'{label}_cpu_s']:.3f} CPU s/step{ratio}", flush=True)
     print(f"MFU {result['mfu']:.3f} of the measured {peak / 1e9:.1f} GFLOP/s matmul peak",
           flush=True)
     if args.breakdown:

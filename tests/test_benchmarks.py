@@ -15,16 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 FAST_XLA = "--xla_backend_optimization_level=0"
 RUNS = {
     "train_step": ["benchmarks.train_step", "--preset=tiny", "--compare-torch",
-                   "--no-torch-compile", "--steps=2", "--rounds=1"],
+                   "--no-torch-compile", "--steps=2", "--rounds=1", "--breakdown"],
     "compile": ["benchmarks.compile_paper_config", "--preset=tiny", "--remat=both"],
     "scaling": ["benchmarks.scaling", "--preset=tiny", "--devices=2", "--modes=data",
                 "--steps=1"],
@@ -57,6 +58,9 @@ def test_train_step_reports_positive_numbers(results):
                   "peak_bytes", "compile_s", "xla_flops", "peak_matmul_flops"])
     assert r["torch_compile_samples_per_s"] is None  # skipped by --no-torch-compile
     assert r["mfu"] < 1
+    assert r["torch_over_jax"] > 0
+    for part in ("block", "attention core", "block (torch)", "attention core (torch)"):
+        _positive(r["breakdown"][part], ["s", "gflops"])
 
 
 def test_analytic_flops_match_the_compiled_hlo(results):
