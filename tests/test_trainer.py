@@ -32,14 +32,14 @@ def _config(data_dir, **overrides):
     return c
 
 
-def _main(workdir, data_dir, *extra, env=None):
-    """The user's command for the test config, as a subprocess."""
+def _main(workdir, data_dir, *extra, env=None, stdout=subprocess.PIPE):
+    """The user's command for the test config, as a subprocess (output to `stdout`)."""
     cmd = [sys.executable, "-m", "unimedi_jax.main", "--config=configs/pretrain.py:test",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            f"--config.total_steps={STEPS}", "--config.checkpoint_every_steps=10",
            "--config.log_every_steps=5", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
 def _final_params(workdir):
@@ -133,23 +133,58 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
     assert "rerun the command to resume" in out
 
 
-@pytest.mark.skip(reason="known defect: the two-process CPU run can hang after the step-0 "
-                         "evaluation (gloo collectives); passes in most runs, kept visible here")
+MULTI_PROCESS_TIMEOUT_S = 300  # a healthy run takes about 60-90 s on 2 busy cores
+
+
+def _run_all(procs, logs, timeout):
+    """Waits for all `procs` (output in the files `logs`). Once one fails or `timeout` s pass,
+    the rest dump their Python stacks (SIGABRT with faulthandler on) and stop, and the test
+    fails with every process's output."""
+    deadline = time.time() + timeout
+    while (any(p.poll() is None for p in procs) and time.time() < deadline
+           and not any(p.poll() for p in procs)):
+        time.sleep(0.2)
+    stopped = [i for i, p in enumerate(procs) if p.poll() is None]
+    for i in stopped:
+        procs[i].send_signal(signal.SIGABRT)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    outs = [log.read_text() for log in logs]
+    report = "\n".join(f"----- process {i} (exit {p.returncode}) -----\n{out}"
+                       for i, (p, out) in enumerate(zip(procs, outs)))
+    assert not stopped and all(p.returncode == 0 for p in procs), (
+        f"processes {stopped} were stopped (timeout {timeout} s or a failed peer):\n{report}")
+    return outs
+
+
 def test_two_processes_on_localhost(tmp_path, data_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")}
-    procs = [_main(tmp_path, data_dir, f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}", "--config.total_steps=4",
-                   "--config.checkpoint_every_steps=2", "--config.log_every_steps=2", env=env)
-             for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    rows = [r for r in writers.read_metrics(tmp_path) if "loss" in r]
+    # The session's persistent compilation cache stays set, as a user's may be: multi-process CPU
+    # runs must not load executables from it (see `main.initialize_distributed`).
+    env = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2"),
+           "PYTHONFAULTHANDLER": "1"}
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as f:  # a file, not a pipe: a full pipe would block the process
+            procs.append(_main(tmp_path / "work", data_dir,
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                               f"--process_id={i}", "--config.total_steps=4",
+                               "--config.checkpoint_every_steps=2",
+                               "--config.log_every_steps=2", env=env, stdout=f))
+    outs = _run_all(procs, logs, MULTI_PROCESS_TIMEOUT_S)
+    assert all("persistent compilation cache off" in out for out in outs)
+    workdir = tmp_path / "work"
+    rows = [r for r in writers.read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
-    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 4
-    assert (tmp_path / trainer.EVAL_SUMMARY).exists()
+    assert checkpoint.Checkpointer(str(workdir)).latest_step() == 4
+    assert (workdir / trainer.EVAL_SUMMARY).exists()
 
 
 def test_nan_in_data_stops_the_run_before_a_checkpoint(tmp_path, data_dir, monkeypatch):

@@ -42,12 +42,22 @@ def run(config, workdir: str):
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-    """Joins a multi-process run; CPU processes talk through gloo collectives."""
+    """Joins a multi-process run (call before anything is compiled).
+
+    CPU processes talk through gloo collectives and do not use the persistent compilation
+    cache: an XLA:CPU executable loaded from it loses the ordering between the collectives
+    inside a nested computation (e.g. the all-gathers in the conditional that the gradient of
+    `jnp.diagonal` becomes) and the main sequence's collectives, so devices may start them in
+    different orders and gloo deadlocks. Compiled afresh, all collectives run in program order.
+    """
     import jax
     if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+    if jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
+        logging.info("Multi-process CPU run: persistent compilation cache off")
 
 
 def main(argv):

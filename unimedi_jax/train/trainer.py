@@ -43,15 +43,11 @@ class Prefetcher:
     """
 
     def __init__(self, iterator: Any, place: Callable[[Any], Any], size: int = 2):
-        """size 0 places each batch in the calling thread (multi-process runs use this, so
-        that every device transfer is issued in the same order on every process)."""
         self._iterator, self._place = iterator, place
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
-        self._thread = None
-        if size > 0:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
     def _run(self):
         try:
@@ -68,9 +64,6 @@ class Prefetcher:
             self._queue.put(e)
 
     def __next__(self):
-        if self._thread is None:
-            batch = next(self._iterator)
-            return self._place(batch), self._iterator.get_state()
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -176,8 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                 data.val_xray, data.train_ct)
 
     summary_init = _initial_eval(workdir, start, state, evaluate, writer)
-    prefetch = Prefetcher(train_iter, lambda b: shd.put_batch(b, mesh),
-                          config.data.prefetch if jax.process_count() == 1 else 0)
+    prefetch = Prefetcher(train_iter, lambda b: shd.put_batch(b, mesh), config.data.prefetch)
     preemption = _Preemption()
     progress = _progress(config.total_steps, start)
     t0, steps_timed, compile_s = time.time(), 0, None
