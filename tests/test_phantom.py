@@ -236,12 +236,34 @@ def test_finding_depths_are_spread():
     assert fixed < chance + 0.15
 
 
+def test_lesion_scale_widens_lesions_in_plane_only():
+    """lesion_scale multiplies the in-plane (y, x) radii of every ellipsoid part (and the
+    effusion thickness); depth radii and depths, the findings drawn and the reports' sizes stay."""
+    ones = dataclasses.replace(DEFAULT, lesion_scale=1.0, normal_fraction=0.0)
+    threes = dataclasses.replace(ones, lesion_scale=3.0)
+    parts = 0
+    for index in range(12):
+        a, b = phantom.ct_case(3, index, ones), phantom.ct_case(3, index, threes)
+        assert [f.kind for f in a.findings] == [f.kind for f in b.findings]
+        for fa, fb in zip(a.findings, b.findings):
+            assert fa.size_mm == fb.size_mm and fa.depth == fb.depth  # reports unchanged
+            for (ca, ra), (cb, rb) in zip(fa.parts, fb.parts):
+                np.testing.assert_allclose(cb[0], ca[0])
+                np.testing.assert_allclose(rb, ra * np.array([1.0, 3.0, 3.0]), rtol=1e-12)
+                parts += 1
+            if fa.band:
+                assert fb.band[:2] == fa.band[:2]
+                np.testing.assert_allclose(fb.band[2], 3.0 * fa.band[2])
+        assert np.count_nonzero(b.mask) >= np.count_nonzero(a.mask)
+    assert parts >= 12
+
+
 # --------------------------------------------------------------------------- options
 
 
 @pytest.mark.parametrize("field, value", [
     ("volume_size", (32, 64)), ("normal_fraction", 1.5), ("finding_probs", (0.5, 0.5)),
-    ("min_finding_slices", 40), ("seed", -1), ("xray_noise", -0.1)])
+    ("min_finding_slices", 40), ("seed", -1), ("xray_noise", -0.1), ("lesion_scale", 0.0)])
 def test_bad_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"PhantomOptions.{field}="):
         phantom.PhantomOptions(**{field: value})
@@ -330,7 +352,7 @@ def test_command_line_builds_and_reads_back_without_tensorflow(tmp_path):
                "--phantom_num_validation=1", "--phantom_num_test=1", "--phantom_image_size=16"]
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"phantom/xray-\w+/1.0.0 in .*: train: 2, validation: 1, test: 1", out.stdout)
+    assert re.search(r"phantom/xray-\w+/1.1.0 in .*: train: 2, validation: 1, test: 1", out.stdout)
     assert "skipped rows: 0" in out.stdout
     read = ("import sys, data_prep.phantom as p; "
             f"b = p.make_builder({str(tmp_path)!r}, modality='xray', num_train=2, "

@@ -118,6 +118,11 @@ class PhantomOptions:
     ct_noise_hu: float = 20.0  # Gaussian CT noise, standard dose chest CT
     xray_noise: float = 0.01  # Gaussian noise on the [0, 1] radiograph
     min_finding_slices: int = 4  # = 3D patch depth (DESIGN.md section 2)
+    # In-plane size factor of nodules, consolidation/ground-glass patches and effusion thickness
+    # (depth extents stay clinical, so findings stay as local to slabs). 2: the default 64-px slices (~6-mm
+    # pixels) resolve them, which a 400-step supervised ViT cannot at 1 (clinical sizes; AUROC
+    # of consolidation 0.54 -> 0.67, effusion 0.69 -> 0.87 from CT).
+    lesion_scale: float = 2.0
     pair_drr_with_ct: bool = False  # X-ray i is the DRR of CT i (UniMiSS+)
     seed: int = 0
 
@@ -142,6 +147,7 @@ class PhantomOptions:
         need(self.xray_noise >= 0, "xray_noise", "must be >= 0")
         need(1 <= self.min_finding_slices <= self.volume_size[0], "min_finding_slices",
              "must lie in [1, D]")
+        need(self.lesion_scale > 0, "lesion_scale", "must be > 0")
         need(0 <= self.seed < 2**32, "seed", "must lie in [0, 2**32)")
 
 
@@ -331,15 +337,17 @@ def _choose_findings(rng, opts):
     return present
 
 
-def _sample_findings(rng, subject, present, window, nodule_zones):
+def _sample_findings(rng, subject, present, window, nodule_zones, scale):
     """Findings of the present kinds, spread uniformly over the lung depth seen in `window`.
 
     window: (z_first, z_last), the depth (mm) of the first and last slice. A lesion of depth
     half-extent h is centred uniformly in [z_first - h, z_last + h] (within its lung), so
     every depth of the window is covered about equally often. Nodules are centred in one of
     `nodule_zones` ((lo, hi) depth ranges, one drawn uniformly), which keep them whole.
+    scale: `PhantomOptions.lesion_scale`, applied to the in-plane (y, x) lesion sizes.
     """
     findings = []
+    in_plane = np.array([1.0, scale, scale])  # (z, y, x) factor of the lesion sizes
 
     def place(kind, zone, side=None, **fields):
         side = int(rng.integers(2)) if side is None else side
@@ -358,22 +366,23 @@ def _sample_findings(rng, subject, present, window, nodule_zones):
             zone = nodule_zones[int(rng.integers(len(nodule_zones)))]
             centre = place(NODULE, zone, size_mm=d)
             if centre is not None:
-                findings[-1].parts = [(centre, d / 2 * _uniform(rng, NODULE_ELONGATION, 3))]
+                findings[-1].parts = [(centre, d / 2 * _uniform(rng, NODULE_ELONGATION, 3)
+                                                  * in_plane)]
     for kind, radius in ((CONSOLIDATION, CONSOLIDATION_RADIUS),
                          (GROUND_GLASS, GROUND_GLASS_RADIUS)):
         if present[kind]:
             for _ in range(rng.integers(PATCH_COUNT[0], PATCH_COUNT[1] + 1)):
                 r = _uniform(rng, radius)
-                offsets = rng.uniform(-PATCH_SPREAD, PATCH_SPREAD, (3, 3)) * r
+                offsets = rng.uniform(-PATCH_SPREAD, PATCH_SPREAD, (3, 3)) * r * in_plane
                 offsets[0] = 0.0
-                radii = r * _uniform(rng, PATCH_PART_RADIUS, (3, 3))
+                radii = r * _uniform(rng, PATCH_PART_RADIUS, (3, 3)) * in_plane
                 centre = place(kind, (window[0] - r, window[1] + r))
                 if centre is not None:
                     findings[-1].parts = [(centre + o, q) for o, q in zip(offsets, radii)]
     if present[EFFUSION]:
         severity = str(rng.choice(list(EFFUSION_THICKNESS)))
         half = _uniform(rng, EFFUSION_EXTENT) * subject.length / 2
-        thickness = _uniform(rng, EFFUSION_THICKNESS[severity])
+        thickness = _uniform(rng, EFFUSION_THICKNESS[severity]) * scale
         sides = (0, 1) if rng.random() < BILATERAL_EFFUSION else (int(rng.integers(2)),)
         for side in sides:
             centre = place(EFFUSION, (window[0] - half, window[1] + half), side,
@@ -627,7 +636,8 @@ def ct_case(seed: int, index: int, opts: PhantomOptions) -> CTCase:
     subject = _sample_subject(rng, present[CARDIOMEGALY])
     grid = _ct_grid(rng, subject, opts.volume_size)
     window = (grid.origin[0], grid.origin[0] + grid.spacing[0] * (grid.shape[0] - 1))
-    findings = _sample_findings(rng, subject, present, window, _nodule_zones(grid, opts))
+    findings = _sample_findings(rng, subject, present, window, _nodule_zones(grid, opts),
+                                opts.lesion_scale)
     tissue, mask, findings = _render(subject, findings, grid, opts.min_finding_slices)
     hu = subject.hu[tissue]
     noise = _rng(seed, index, _CT_NOISE).standard_normal(hu.shape, dtype=np.float32)
@@ -688,7 +698,8 @@ def generate_xray(seed: int, index: int, opts: PhantomOptions) -> dict:
         subject = _sample_subject(rng, present[CARDIOMEGALY])
         grid = _xray_grid(rng, subject, opts.xray_render_size, opts.xray_depth_samples)
         lung_depth = (0.0, subject.length)
-        findings = _sample_findings(rng, subject, present, lung_depth, [lung_depth])
+        findings = _sample_findings(rng, subject, present, lung_depth, [lung_depth],
+                                    opts.lesion_scale)
         tissue, mask3d, findings = _render(subject, findings, grid, 1)
         mu = drr_lib.hu_to_mu(subject.hu, xp=np)[tissue]
         modality, name = "xray", "xray"
