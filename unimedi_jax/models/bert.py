@@ -31,6 +31,9 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from unimedi_jax.models import layers
+from unimedi_jax.train.sharding import BATCH_AXES
+
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
@@ -42,7 +45,7 @@ DEFAULT_PACKAGE_FOLDER = "model"
 
 # Hugging Face `hidden_act` values: "gelu" is the exact erf form, "gelu_new" the tanh form.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": layers.gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }
@@ -125,11 +128,26 @@ class BertConfig:
 
 def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
     init = nn.initializers.normal(stddev=cfg.initializer_range)
-    return nn.Dense(features, dtype=cfg.dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+    return layers.Dense(features, dtype=cfg.dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
 
 
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name)
+
+
+def _split_by_sample(x: jax.Array) -> jax.Array:
+    """x (B, ...) constrained to the batch sharding of the mesh set with `jax.set_mesh`, if any.
+
+    Under FSDP the embedding tables are split along the vocabulary and their lookups come out
+    replicated; every layer would then run on all samples with split weights and all-reduce
+    its (B, T, 3D) partial sums. Splitting the activations by sample instead moves the weights
+    (all-gathered once) rather than the activations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 class BertEmbeddings(nn.Module):
@@ -154,19 +172,26 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Post-norm transformer layer: x (B, T, D), key mask (B, 1, 1, T) bool -> (B, T, D)."""
+    """Post-norm transformer layer: x (B, T, D), key mask (B, 1, 1, T) bool -> (B, Q, D).
+
+    Q = T, or `num_queries`: then only the first Q positions are computed (they still attend
+    to all T keys), e.g. Q = 1 when only the [CLS] output of the last layer is used.
+    """
 
     config: BertConfig
+    num_queries: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.config
-        b, t, d = x.shape
-        heads = cfg.num_attention_heads
-        q, k, v = (_dense(cfg, d, n)(x).reshape(b, t, heads, d // heads) for n in ("query", "key", "value"))
+        d = x.shape[-1]
+        heads = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, -1)
+        x_q = x if self.num_queries is None else x[:, :self.num_queries]
+        q = heads(_dense(cfg, d, "query")(x_q))
+        k, v = (heads(_dense(cfg, d, n)(x)) for n in ("key", "value"))
         # Masked keys get a large negative logit before the softmax, as Hugging Face's mask.
-        attn = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
-        x = _layer_norm(cfg, "attention_norm")(x + _dense(cfg, d, "attention_out")(attn))
+        attn = layers.dot_product_attention(q, k, v, mask=mask).reshape(x_q.shape)
+        x = _layer_norm(cfg, "attention_norm")(x_q + _dense(cfg, d, "attention_out")(attn))
         h = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(x))
         return _layer_norm(cfg, "output_norm")(x + _dense(cfg, d, "output")(h))
 
@@ -175,15 +200,18 @@ class BertModel(nn.Module):
     """BERT encoder.
 
     `apply({"params": p}, input_ids (B, T) int, attention_mask (B, T) {0,1}, token_type_ids
-    (B, T) or None)` returns {"last_hidden_state": (B, T, D), "cls": (B, D)} and, with
-    `config.add_pooling_layer`, "pooler_output" (B, D). Outputs at padded positions are
-    computed but meaningless; padded keys never influence the other positions.
+    (B, T) or None, cls_only=False)` returns {"last_hidden_state": (B, T, D), "cls": (B, D)}
+    and, with `config.add_pooling_layer`, "pooler_output" (B, D). Outputs at padded positions
+    are computed but meaningless; padded keys never influence the other positions.
+    `cls_only` computes the last layer at the [CLS] position alone (the same "cls", about a
+    sixth of the encoder's work less) and returns no "last_hidden_state".
     """
 
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None) -> dict[str, jax.Array]:
+    def __call__(self, input_ids, attention_mask, token_type_ids=None,
+                 cls_only: bool = False) -> dict[str, jax.Array]:
         cfg = self.config
         if input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(
@@ -191,12 +219,14 @@ class BertModel(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids)
+        x = _split_by_sample(BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids))
         mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
         layer_cls = nn.remat(BertLayer) if cfg.remat else BertLayer
+        last = cfg.num_hidden_layers - 1
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, name=f"layer_{i}")(x, mask)
-        out = {"last_hidden_state": x, "cls": x[:, 0]}
+            layer = layer_cls(cfg, 1 if cls_only and i == last else None, name=f"layer_{i}")
+            x = _split_by_sample(layer(x, mask))
+        out = {"cls": x[:, 0]} if cls_only else {"last_hidden_state": x, "cls": x[:, 0]}
         if cfg.add_pooling_layer:
             out["pooler_output"] = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler")(x[:, 0]))
         return out

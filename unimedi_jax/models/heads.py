@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unimedi_jax.models import layers
+
 Array = jax.Array
 
 # DINO initialises the MLP with trunc_normal(std=0.02) and zero biases (jax truncates at 2 std).
@@ -26,7 +28,7 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="proj")(x)
+        return layers.Dense(self.dim, use_bias=False, dtype=self.dtype, name="proj")(x)
 
 
 class DINOHead(nn.Module):
@@ -48,9 +50,9 @@ class DINOHead(nn.Module):
     def __call__(self, x: Array) -> Array:
         init = dict(kernel_init=nn.initializers.truncated_normal(DINO_INIT_STD),
                     bias_init=nn.initializers.zeros, dtype=self.dtype)
-        x = nn.gelu(nn.Dense(self.hidden_dim, name="mlp_0", **init)(x), approximate=False)
-        x = nn.gelu(nn.Dense(self.hidden_dim, name="mlp_1", **init)(x), approximate=False)
-        x = nn.Dense(self.bottleneck_dim, name="mlp_2", **init)(x).astype(jnp.float32)
+        x = layers.gelu(layers.Dense(self.hidden_dim, name="mlp_0", **init)(x))
+        x = layers.gelu(layers.Dense(self.hidden_dim, name="mlp_1", **init)(x))
+        x = layers.Dense(self.bottleneck_dim, name="mlp_2", **init)(x).astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_EPS)
         return _WeightNormLinear(self.out_dim, self.norm_last_layer, name="last_layer")(x)
 
@@ -67,4 +69,5 @@ class _WeightNormLinear(nn.Module):
         w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
         if not self.fixed_gain:
             w = w * self.param("scale", nn.initializers.ones, (self.features,))
-        return x @ w
+        # One 2D matmul: see layers.Dense.
+        return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], self.features)

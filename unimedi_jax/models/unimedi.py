@@ -109,7 +109,8 @@ class UniMedI:
 
     def encode_text(self, params: dict, input_ids: Array, attention_mask: Array) -> Array:
         """Report [CLS] features (B, text width)."""
-        return self.text.apply({"params": params["text"]}, input_ids, attention_mask)["cls"]
+        return self.text.apply({"params": params["text"]}, input_ids, attention_mask,
+                               cls_only=True)["cls"]
 
     def project_image(self, params: dict, cls: Array) -> Array:
         return self.img_proj.apply({"params": params["img_proj"]}, cls)

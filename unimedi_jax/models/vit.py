@@ -6,7 +6,7 @@ One forward pass takes a volume, k 2D images per sample, or both. The token sequ
 
 Every block also returns the CLS-query attention row over the patch keys, averaged over heads
 (UniMedI Eq. 1 needs only that row), computed on the side from the block's own q and k so the
-tokens themselves can go through a fused attention kernel (`jax.nn.dot_product_attention`).
+tokens themselves can go through a fused attention kernel (`layers.dot_product_attention`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from unimedi_jax.models import layers
 
 Array = jax.Array
 
@@ -52,6 +54,33 @@ def resize_pos_embed(pos: Array, src_grid: Sequence[int], dst_grid: Sequence[int
     return grid.reshape(1, math.prod(dst_grid), width)
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens, 2D or 3D: x (B, *spatial) -> (B, n, width) and the grid.
+
+    The same map and parameters as `nn.Conv(width, patch, strides=patch)` on x[..., None]
+    (`kernel` (*patch, 1, width), `bias` (width,)), computed as one contraction of x split into
+    (B, g1, p1, g2, p2, ...) with the kernel: on XLA:CPU that runs the 3D forward 1.6x and its
+    kernel gradient 5x faster than the convolution.
+    """
+
+    width: int
+    patch: tuple[int, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, tuple[int, ...]]:
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (*self.patch, 1, self.width))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.width,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        b, nd = x.shape[0], len(self.patch)
+        grid = tuple(s // p for s, p in zip(x.shape[1:], self.patch))
+        x = x.reshape(b, *(v for g, p in zip(grid, self.patch) for v in (g, p)))
+        within_patch = (tuple(range(2, 2 * nd + 1, 2)), tuple(range(nd)))  # p1, p2, ...
+        tokens = jax.lax.dot_general(x, kernel.reshape(*self.patch, self.width),
+                                     (within_patch, ((), ()))) + bias  # (B, g1, g2, ..., width)
+        return tokens.reshape(b, math.prod(grid), self.width), grid
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (fused qkv, as timm) returning the CLS attention row.
 
@@ -61,18 +90,18 @@ class Attention(nn.Module):
 
     num_heads: int
     dtype: Any = jnp.float32
-    implementation: str | None = None  # jax.nn.dot_product_attention: None | "xla" | "cudnn"
+    implementation: str | None = None  # layers.ATTENTION_IMPLEMENTATIONS (None: by backend)
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
         b, n, d = x.shape
         h = self.num_heads
         c = d // h
-        dense = lambda features, name: nn.Dense(
+        dense = lambda features, name: layers.Dense(
             features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
         qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, h, c)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        y = layers.dot_product_attention(q, k, v, implementation=self.implementation)
         logits = jnp.einsum("bhc,bnhc->bhn", q[:, 0].astype(jnp.float32),
                             k[:, 1:].astype(jnp.float32)) / math.sqrt(c)
         cls_attn = jax.nn.softmax(logits, axis=-1).mean(axis=1)
@@ -97,9 +126,9 @@ class Block(nn.Module):
         y = norm("norm2")(x)
         init = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                     bias_init=nn.initializers.normal(1e-6))
-        y = nn.Dense(self.mlp_dim, name="fc1", **init)(y)
-        y = nn.gelu(y, approximate=False)  # exact GELU, as timm and BERT
-        x = x + nn.Dense(x.shape[-1], name="fc2", **init)(y)
+        y = layers.Dense(self.mlp_dim, name="fc1", **init)(y)
+        y = layers.gelu(y)  # exact GELU, as timm and BERT
+        x = x + layers.Dense(x.shape[-1], name="fc2", **init)(y)
         return x, cls_attn
 
 
@@ -147,10 +176,8 @@ class ViT(nn.Module):
         if any(s % p for s, p in zip(spatial, patch)):
             raise ValueError(f"{kind} input of spatial size {tuple(spatial)} is not divisible by "
                              f"the patch size {tuple(patch)}")
-        tokens = nn.Conv(self.width, kernel_size=tuple(patch), strides=tuple(patch),
-                         padding="VALID", dtype=self.dtype, name=f"patch_embed_{kind}")(x[..., None])
-        grid = tuple(tokens.shape[1:-1])
-        tokens = tokens.reshape(x.shape[0], -1, self.width)
+        tokens, grid = PatchEmbed(self.width, tuple(patch), self.dtype,
+                                  name=f"patch_embed_{kind}")(x)
         pos = self.param(f"pos_embed_{kind}", nn.initializers.normal(0.02),
                          (1, math.prod(native_grid), self.width))
         return tokens, resize_pos_embed(pos, native_grid, grid), grid

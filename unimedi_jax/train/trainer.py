@@ -179,7 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         while step < config.total_steps and not preemption.requested:
             batch, data_state = next(prefetch)
             tick = time.time()
-            state, metrics = update(state, batch, jax.random.fold_in(train_rng, step))
+            with jax.set_mesh(mesh):  # the model's activation sharding constraints name it
+                state, metrics = update(state, batch, jax.random.fold_in(train_rng, step))
             step += 1
             if compile_s is None:
                 jax.block_until_ready(metrics)

@@ -1,0 +1,73 @@
+"""Layers shared by the ViT, the BERT text encoder and the heads, written for fast XLA code.
+
+- `Dense`: `flax.linen.Dense` that multiplies 2D: (..., D) is flattened to (N, D) first. Same
+  parameters and math; on XLA:CPU the weight gradient of a 3D (B, T, D) Dense otherwise comes
+  out as a transpose and a transposed-operand matmul, together 2.5-3x slower than the 2D one.
+- `gelu`: the exact (erf) GELU in the form PyTorch and Hugging Face compute it.
+- `dot_product_attention`: softmax attention, heads-major einsums on CPU (faster there than
+  `jax.nn.dot_product_attention`'s grouped layout), `jax.nn.dot_product_attention` elsewhere or
+  when an implementation is named ("xla", "cudnn").
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Values of `implementation`: None picks by backend; "einsum" is this module's attention;
+# the others go to jax.nn.dot_product_attention.
+ATTENTION_IMPLEMENTATIONS = (None, "einsum", "xla", "cudnn")
+# Logit of a masked key: jax.nn.dot_product_attention's own (-0.7 x the float32 maximum).
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` on (..., D) inputs computed as one (N, D) x (D, F) matmul: (..., D) -> (..., F)."""
+
+    def __call__(self, inputs: Array) -> Array:
+        if inputs.ndim <= 2:
+            return super().__call__(inputs)
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
+def gelu(x: Array) -> Array:
+    """Exact GELU x * Phi(x) = x/2 (1 + erf(x / sqrt 2)) (torch.nn.GELU, Hugging Face "gelu").
+
+    The same function as `jax.nn.gelu(x, approximate=False)`, which goes through erfc: on
+    XLA:CPU this form runs 2.3x faster forward and 1.2-1.6x faster forward + backward.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(math.sqrt(0.5), x.dtype)))
+
+
+def _einsum_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Heads-major attention; float32 logits and softmax as jax.nn.dot_product_attention."""
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, H, T, C)
+    logits = jnp.einsum("bhtc,bhsc->bhts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * np.float32(1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        logits = jnp.where(mask, logits, MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bhts,bhsc->bhtc", probs, v), 1, 2)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
+                          implementation: str | None = None) -> Array:
+    """softmax(q k^T / sqrt(C)) v: q (B, T, H, C), k and v (B, S, H, C) -> (B, T, H, C).
+
+    mask: bool, broadcastable to (B, H, T, S), True where a query attends to a key.
+    implementation: one of ATTENTION_IMPLEMENTATIONS; None takes "einsum" on the CPU backend
+    and jax.nn.dot_product_attention's default elsewhere.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; expected one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    if implementation == "einsum" or (implementation is None and jax.default_backend() == "cpu"):
+        return _einsum_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
