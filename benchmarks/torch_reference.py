@@ -177,6 +177,24 @@ class DINOHeadTorch(nn.Module):
         return F.normalize(self.mlp(x), dim=-1, eps=L2_EPS) @ w.T
 
 
+def text_cls(model: transformers.BertModel, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor) -> torch.Tensor:
+    """The report [CLS] (B, D) with the last layer run for the [CLS] query only, as
+    `bert.BertModel(cls_only=True)` does (the loss reads nothing else of that layer)."""
+    *first, last = model.encoder.layer
+    h = model.embeddings(input_ids=input_ids)
+    additive = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+    for layer in first:
+        h = layer(h, attention_mask=additive)
+        h = h[0] if isinstance(h, tuple) else h
+    att, b = last.attention, input_ids.shape[0]
+    split = lambda x: x.view(b, x.shape[1], att.self.num_attention_heads, -1).transpose(1, 2)
+    q, k, v = split(att.self.query(h[:, :1])), split(att.self.key(h)), split(att.self.value(h))
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, None, None, :].bool())
+    a = att.output(ctx.transpose(1, 2).reshape(b, 1, -1), h[:, :1])
+    return last.output(last.intermediate(a), a)[:, 0]
+
+
 class UniMedITorch(nn.Module):
     """Student: vision, text (Hugging Face BertModel), projections, DINO head, logit scale."""
 
@@ -358,7 +376,7 @@ class TorchStep:
         s = self.student
         ids = torch.cat([batch[k]["input_ids"] for k in kinds])
         mask = torch.cat([batch[k]["attention_mask"] for k in kinds])
-        z_txt = s.txt_proj(s.text(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+        z_txt = s.txt_proj(text_cls(s.text, ids, mask))
         encoded = {k: s.vision(**inputs[k]) for k in kinds}
         z_img = torch.cat([s.img_proj(encoded[k][0]) for k in kinds])
         if obj.clip.learnable:
