@@ -32,7 +32,6 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from unimedi_jax.models import layers
-from unimedi_jax.train.sharding import BATCH_AXES
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -144,7 +143,7 @@ def _split_by_sample(x: jax.Array) -> jax.Array:
     (all-gathered once) rather than the activations.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    axes = tuple(a for a in layers.BATCH_AXES if a in mesh.axis_names)
     if not axes:
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))

@@ -20,6 +20,8 @@ import numpy as np
 
 Array = jax.Array
 
+# Mesh axes the batch is split over (train/sharding.py builds the mesh with both).
+BATCH_AXES = ("data", "fsdp")
 # Values of `implementation`: None picks by backend; "einsum" is this module's attention;
 # the others go to jax.nn.dot_product_attention.
 ATTENTION_IMPLEMENTATIONS = (None, "einsum", "xla", "cudnn")

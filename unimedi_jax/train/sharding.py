@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from unimedi_jax.models.layers import BATCH_AXES
+
 FSDP_MIN_SIZE = 2 ** 14  # smaller leaves stay replicated: splitting them costs more than it saves
 
 
