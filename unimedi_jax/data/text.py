@@ -18,7 +18,8 @@ MAX_LENGTH = 112  # DESIGN.md section 3 (MGCA's report length)
 
 # Grain's reader threads share one tokenizer per process; a fast tokenizer must not be called
 # from two threads at once (each call resets its truncation/padding state: "Already borrowed",
-# huggingface/tokenizers#537), so loading and calling it hold this lock.
+# huggingface/tokenizers#537, and the padding length set by one call can be used by another's),
+# so loading and calling it (`tokenize`, which every caller goes through) hold this lock.
 _LOCK = threading.Lock()
 
 
@@ -47,13 +48,14 @@ def tokenize(tokenizer, texts: str | Sequence[str],
     (B, max_length)."""
     single = isinstance(texts, str)
     # Python lists, then one conversion: cheaper than return_tensors="np" for short inputs.
-    encoded = tokenizer(
-        [texts] if single else list(texts),
-        max_length=max_length,
-        padding="max_length",
-        truncation=True,
-        return_token_type_ids=False,
-    )
+    with _LOCK:  # the call sets the tokenizer's padding length: one thread at a time
+        encoded = tokenizer(
+            [texts] if single else list(texts),
+            max_length=max_length,
+            padding="max_length",
+            truncation=True,
+            return_token_type_ids=False,
+        )
     out = {key: np.asarray(encoded[key], np.int32) for key in ("input_ids", "attention_mask")}
     return {key: value[0] for key, value in out.items()} if single else out
 
@@ -74,5 +76,6 @@ class Tokenize(grain.transforms.Map):
         out = dict(element)
         text = as_text(out.pop(self.field))
         with _LOCK:
-            out.update(tokenize(cached_tokenizer(self.folder), text, self.max_length))
+            tokenizer = cached_tokenizer(self.folder)
+        out.update(tokenize(tokenizer, text, self.max_length))
         return out
