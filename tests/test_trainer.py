@@ -166,7 +166,7 @@ def test_two_processes_on_localhost(tmp_path, data_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # The session's persistent compilation cache stays set, as a user's may be: multi-process CPU
-    # runs must not load executables from it (see `main.initialize_distributed`).
+    # runs must not load executables from it (see `main.compile_cpu_collectives_afresh`).
     env = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2"),
            "PYTHONFAULTHANDLER": "1"}
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]
@@ -218,6 +218,7 @@ def test_nan_in_data_stops_the_run_before_a_checkpoint(tmp_path, data_dir, monke
     ("model.vit.image_size", 60, r"config.model.vit.image_size=60 is not divisible"),
     ("data.ct.crop_size", (8, 30, 32), r"config.data.ct.crop_size=\(8, 30, 32\) is not divis"),
     ("objective.selection.mode", "best", r"config.objective.selection.mode='best'"),
+    ("model.vit.attn_implementation", "flash", r"config.model.vit.attn_implementation='flash'"),
     ("model.text.checkpoint", "/nonexistent/bert", r"config.model.text.checkpoint=.*not a folder"),
 ])
 def test_config_errors_name_the_key(key, value, message, tmp_path):

@@ -6,12 +6,16 @@ import os
 
 import ml_collections
 
+from unimedi_jax.models import layers
+
 CHOICES = {
     "objective.selection.mode": ("attentive", "random", "none"),
     "objective.selection.slice_mode": ("center", "mean"),
     "objective.masking.mode": ("attentive", "random"),
     "objective.masking.style": ("drop", "mask_token"),
     "on_nonfinite": ("stop", "skip"),
+    # "" picks by backend; the others name one of models/layers.py's attentions.
+    "model.vit.attn_implementation": ("", *filter(None, layers.ATTENTION_IMPLEMENTATIONS)),
 }
 
 
