@@ -11,6 +11,8 @@ choices where the paper is silent; "DINO" (Caron et al. 2021), "iBOT" (Zhou et a
 
 import ml_collections
 
+from configs import prompts
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: "" for the default, "test" for the seconds-long size the test suite runs."""
@@ -127,7 +129,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         split="validation",
         max_examples=200,               # CPU: the phantom's 200 validation volumes
         batch_size=32,
-    ))
+        # Zero-shot AUROC per finding over the split's CTs and X-rays: label name -> (positive,
+        # negative) prompts; the names must be the dataset's label names. {} = no zero-shot.
+        prompts=prompts.PHANTOM,
+        label_names=("nodule", "consolidation", "ground_glass", "effusion", "cardiomegaly"),
+    ))                                  # (the dataset's label columns, in order)
     if arg == "test":
         _shrink_for_tests(c)
     return c

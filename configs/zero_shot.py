@@ -3,24 +3,18 @@
     python -m unimedi_jax.main --config=configs/zero_shot.py --workdir=DIR \
         --config.init_from=PRETRAIN_WORKDIR [--config.data.modality=ct]
 
-Prompts: one positive and one negative sentence per finding, in the phantom reports' wording
-(unimedi_jax/data/phantom.py templates); for a real dataset give its label names and wording.
+Prompts: a few positive and negative phrasings per finding (an ensemble), in the phantom reports'
+wording (configs/prompts.py); for a real dataset give its label names and wording.
 """
 
 import ml_collections
 
-from configs import eval_base
+from configs import eval_base, prompts
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     c = eval_base.get_base("zero_shot", "xray")
-    c.prompts = ml_collections.ConfigDict(dict(  # label name -> (positive, negative)
-        nodule=("There is a pulmonary nodule.", "No pulmonary nodules."),
-        consolidation=("There is consolidation.", "There is no consolidation."),
-        ground_glass=("There are ground-glass opacities.", "There are no ground-glass opacities."),
-        effusion=("There is a pleural effusion.", "There is no pleural effusion."),
-        cardiomegaly=("The heart is enlarged.", "Heart size is normal."),
-    ))
+    c.prompts = ml_collections.ConfigDict(prompts.PHANTOM)  # label -> (positives, negatives)
     c.data.max_examples.test = 400      # CPU
     return c

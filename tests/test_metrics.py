@@ -136,3 +136,40 @@ def test_group_ids_and_most_common_recall():
     got = metrics.most_common_recall(groups, groups, (1, 2, 3))
     # Groups by frequency: [0,0] (3), [1,0] (2), [1,1] (1).
     assert got == {1: pytest.approx(3 / 6), 2: pytest.approx(5 / 6), 3: pytest.approx(1.0)}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mean_pairwise_cosine_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(17, 6)) + rng.normal(size=6) * seed  # a shared direction for seed > 0
+    cos = [x[i] @ x[j] / np.linalg.norm(x[i]) / np.linalg.norm(x[j])
+           for i, j in itertools.permutations(range(len(x)), 2)]
+    np.testing.assert_allclose(metrics.mean_pairwise_cosine(x), np.mean(cos), rtol=1e-12)
+
+
+def test_mean_pairwise_cosine_extremes():
+    direction = np.random.default_rng(0).normal(size=8)
+    np.testing.assert_allclose(metrics.mean_pairwise_cosine(np.outer(np.arange(1, 6), direction)),
+                               1.0, rtol=1e-12)
+    np.testing.assert_allclose(metrics.mean_pairwise_cosine(np.vstack([direction, -direction])),
+                               -1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="N >= 2"):
+        metrics.mean_pairwise_cosine(direction[None])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_effective_rank_matches_definition(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(30, 5)) * np.array([5.0, 2.0, 1.0, 0.5, 0.1])
+    s = np.linalg.svd(x, compute_uv=False)
+    p = s / s.sum()
+    np.testing.assert_allclose(metrics.effective_rank(x), np.exp(-(p * np.log(p)).sum()),
+                               rtol=1e-12)
+
+
+def test_effective_rank_extremes():
+    rng = np.random.default_rng(0)
+    np.testing.assert_allclose(metrics.effective_rank(np.outer(rng.normal(size=9),
+                                                               rng.normal(size=4))), 1.0,
+                               rtol=1e-9)
+    np.testing.assert_allclose(metrics.effective_rank(np.eye(6)), 6.0, rtol=1e-12)

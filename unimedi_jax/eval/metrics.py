@@ -148,3 +148,34 @@ def most_common_recall(query_groups: np.ndarray, candidate_groups: np.ndarray,
     groups, counts = np.unique(np.asarray(candidate_groups), return_counts=True)
     order = groups[np.argsort(-counts, kind="stable")]
     return {int(k): float(np.isin(query_groups, order[:k]).mean()) for k in ks}
+
+
+def mean_pairwise_cosine(x: np.ndarray) -> float:
+    """Mean cosine similarity over the N (N - 1) ordered pairs i != j of the rows of x (N, P).
+
+    1 when every embedding points the same way (collapse), about 0 for spread-out embeddings.
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"mean_pairwise_cosine needs (N >= 2, P) embeddings, got {x.shape}")
+    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    total = unit.sum(axis=0)
+    n = len(unit)
+    # sum_{i != j} <u_i, u_j> = ||sum_i u_i||^2 - sum_i ||u_i||^2
+    return float((total @ total - np.sum(unit * unit)) / (n * (n - 1)))
+
+
+def effective_rank(x: np.ndarray) -> float:
+    """exp(entropy of the normalised singular values) of x (N, P) (RankMe, Garrido et al. 2023).
+
+    Between 1 (all rows on one line) and min(N, P) (a flat spectrum).
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or min(x.shape) < 1:
+        raise ValueError(f"effective_rank needs a non-empty (N, P) matrix, got {x.shape}")
+    s = np.linalg.svd(x, compute_uv=False)
+    if s.sum() <= 0:
+        return 1.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-np.sum(p * np.log(p))))

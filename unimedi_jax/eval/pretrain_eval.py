@@ -15,6 +15,11 @@
   with a finding; slice_precision_random: the exact expectation for k random slabs;
   slice_precision_prior: a fixed ranking of slab positions by their finding frequency in the
   first max_examples volumes of `train_ct` (see `selection_eval`).
+- zero_shot_auroc_<finding>: zero-shot AUROC of `config.eval.prompts` (`zero_shot`) over the
+  split's CTs and X-rays together; zero_shot_mean_auroc: their mean over the defined ones;
+  zero_shot_mean_auroc_{ct,xray}: the mean per modality.
+- image_embedding_mean_cosine{,_ct,_xray}: mean pairwise cosine of the image embeddings (1 =
+  collapsed), image_embedding_effective_rank{,_ct,_xray}: their RankMe effective rank.
 A CT's embedding is computed as in pretraining: the volume with its k selected slices
 (`features.clip_embeddings`). Sources may be None (that modality is skipped); slice metrics
 need `train_ct` and CT records with `slice_has_finding`.
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unimedi_jax.eval import features, retrieval, selection_eval
+from unimedi_jax.eval import features, metrics, retrieval, selection_eval, zero_shot
 from unimedi_jax.models.unimedi import UniMedI
 
 CROP = {"ct": lambda c: c.data.ct.crop_size, "xray": lambda c: c.data.xray.crop_size}
@@ -35,7 +40,7 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
     model = UniMedI.from_config(config)
     ev = config.eval
     results: dict[str, float] = {}
-    slabs = None
+    slabs, embedded = None, {}
     for modality, source in (("ct", val_ct), ("xray", val_xray)):
         if source is None:
             continue
@@ -44,6 +49,7 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
                               crop_size=CROP[modality](config), batch_size=ev.batch_size,
                               max_length=config.model.text.max_length,
                               name=f"{modality} evaluation split")
+        embedded[modality] = got
         r = retrieval.retrieval_metrics(got["image"], got["text"], got["labels"], ks=(1,))
         results.update({f"retrieval_r1_{modality}": r["i2t_r1"],
                         f"retrieval_r1_findings_{modality}": r["i2t_findings_r1"],
@@ -56,6 +62,10 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
         values = [results[f"{key}_{m}"] for m in ("ct", "xray") if f"{key}_{m}" in results]
         if values:
             results[key] = float(np.mean(values))
+    if embedded:
+        results.update(embedding_metrics({m: g["image"] for m, g in embedded.items()}))
+        if ev.get("prompts"):
+            results.update(zero_shot_metrics(model, params, config, embedded))
     if slabs is not None and train_ct is not None:
         patch_depth = model.vit.patch_size_3d[0]
         prior = selection_eval.prior_ranking(selection_eval.truth_only(
@@ -66,3 +76,47 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
             config.objective.selection.k, prior)
         results.update({k: v for k, v in precision.items() if k != "slice_precision_volumes"})
     return results
+
+
+def embedding_metrics(images: dict[str, np.ndarray]) -> dict[str, float]:
+    """Collapse figures of image embeddings {modality: (N, P)}, per modality and all together."""
+    out = {}
+    for suffix, x in [(f"_{m}", x) for m, x in images.items()] + [
+            ("", np.concatenate(list(images.values())))]:
+        out[f"image_embedding_mean_cosine{suffix}"] = metrics.mean_pairwise_cosine(x)
+        out[f"image_embedding_effective_rank{suffix}"] = metrics.effective_rank(x)
+    return out
+
+
+def zero_shot_metrics(model, params: dict, config, embedded: dict[str, dict]) -> dict[str, float]:
+    """Zero-shot AUROC of `config.eval.prompts` per finding over all modalities' images, its
+    mean, and the mean per modality. embedded: {modality: {"image" (N, P), "labels" (N, L)}}."""
+    ev = config.eval
+    names, positive, negative = zero_shot.prompt_embeddings(
+        model, params, ev.prompts, config.model.text.max_length, key="eval.prompts")
+    label_names = list(ev.label_names)
+    unknown = [n for n in names if n not in label_names]
+    if unknown:
+        raise ValueError(f"eval.prompts names {unknown}, which are not in eval.label_names "
+                         f"{label_names}")
+    columns = [label_names.index(n) for n in names]
+    out, scored = {}, {}
+    for modality, got in embedded.items():
+        if got["labels"].shape[1] != len(label_names):
+            raise ValueError(f"eval.label_names has {len(label_names)} names but the {modality} "
+                             f"records have {got['labels'].shape[1]} label columns")
+        scored[modality] = (got["labels"][:, columns],
+                            zero_shot.prompt_scores(got["image"], positive, negative))
+        out[f"zero_shot_mean_auroc_{modality}"] = _nanmean(
+            metrics.per_label_auroc(*scored[modality]))
+    labels = np.concatenate([s[0] for s in scored.values()])
+    scores = np.concatenate([s[1] for s in scored.values()])
+    per_label = metrics.per_label_auroc(labels, scores)
+    out.update({f"zero_shot_auroc_{n}": float(v) for n, v in zip(names, per_label)})
+    out["zero_shot_mean_auroc"] = _nanmean(per_label)
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")

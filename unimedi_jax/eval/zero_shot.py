@@ -1,8 +1,9 @@
 """Zero-shot classification from text prompts in the CLIP space, X-rays or volumes.
 
-Each finding f has a positive and a negative prompt (`config.prompts`: {label name:
-(positive, negative)}); an image's score for f is cos(image, positive) - cos(image, negative),
-with the projected, L2-normalised embeddings (a CT is its volume with the selected slices, as in
+Each finding f has positive and negative prompts (`config.prompts`: {label name: (positives,
+negatives)}, each a sentence or a tuple of sentences: a prompt ensemble); an image's score for f
+is its cosine with the mean positive embedding minus that with the mean negative one, with the
+projected, L2-normalised embeddings (a CT is its volume with the selected slices, as in
 pretraining). Scored by AUROC per finding against the test split's labels, and their mean.
 """
 
@@ -21,15 +22,45 @@ def prompt_scores(image: np.ndarray, positive: np.ndarray, negative: np.ndarray)
     return image @ np.asarray(positive, np.float64).T - image @ np.asarray(negative, np.float64).T
 
 
+def _phrasings(value, name: str) -> tuple[str, ...]:
+    phrasings = (value,) if isinstance(value, str) else tuple(value)
+    if not phrasings or not all(isinstance(p, str) and p.strip() for p in phrasings):
+        raise ValueError(f"{name} must be a sentence or a non-empty tuple of sentences, got "
+                         f"{value!r}")
+    return phrasings
+
+
+def prompt_embeddings(model, params: dict, prompts, max_length: int,
+                      key: str = "prompts") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(finding names, mean positive (F, P), mean negative (F, P)) prompt embeddings.
+
+    prompts: {name: (positives, negatives)}; each side a sentence or a tuple of sentences whose
+    L2-normalised CLIP embeddings are averaged (prompt ensembling). `key` names the config entry
+    in errors.
+    """
+    names = list(prompts.keys())
+    sides = []
+    for name in names:
+        pair = prompts[name]
+        if isinstance(pair, str) or len(pair) != 2:
+            raise ValueError(f"{key}.{name} must be (positives, negatives), got {pair!r}")
+        sides.append([_phrasings(p, f"{key}.{name}[{i}]") for i, p in enumerate(pair)])
+    flat = [p for pair in sides for side in pair for p in side]
+    tokenizer = text.cached_tokenizer(model.text_checkpoint)
+    embedded = features.text_embeddings(model, tokenizer, flat, params, max_length)
+    means, start = [], 0
+    for pair in sides:
+        for side in pair:
+            means.append(embedded[start:start + len(side)].mean(axis=0))
+            start += len(side)
+    means = np.asarray(means).reshape(len(names), 2, -1)
+    return names, means[:, 0], means[:, 1]
+
+
 def run(config, workdir: str) -> dict:
     """Zero-shot AUROC per finding on the test split; writes WORKDIR/results.json."""
     sources, label_names = tasks.open_splits(config.data, ("test",))
-    names = list(config.prompts.keys())
-    columns = tasks.label_columns(label_names, names)
-    for name in names:
-        if len(config.prompts[name]) != 2:
-            raise ValueError(f"config.prompts.{name} must be (positive, negative), got "
-                             f"{config.prompts[name]!r}")
+    columns = tasks.label_columns(label_names, list(config.prompts.keys()))
     loaded = tasks.load_model(config, with_text=True)
     model, max_length = loaded.model, loaded.config.model.text.max_length
     modality = config.data.modality
@@ -39,10 +70,9 @@ def run(config, workdir: str) -> dict:
     fn = jax.jit(features.clip_embeddings(model, modality, loaded.config.objective.selection,
                                           with_text=False))
     got = features.apply_batched(fn, loaded.params, batches, keep=("labels",))
-    tokenizer = text.cached_tokenizer(model.text_checkpoint)
-    prompts = [config.prompts[n][i] for i in (0, 1) for n in names]
-    embedded = features.text_embeddings(model, tokenizer, prompts, loaded.params, max_length)
-    scores = prompt_scores(got["image"], embedded[:len(names)], embedded[len(names):])
+    names, positive, negative = prompt_embeddings(model, loaded.params, config.prompts,
+                                                  max_length, key="config.prompts")
+    scores = prompt_scores(got["image"], positive, negative)
     per_label = metrics.per_label_auroc(got["labels"][:, columns], scores)
     defined = per_label[~np.isnan(per_label)]
     return tasks.write_results(workdir, config, loaded, {

@@ -28,6 +28,10 @@ from unimedi_jax.train import validation
 from unimedi_jax.train import writers
 
 EVAL_SUMMARY = "eval_summary.json"
+# Summary keys whose step-0 value the final summary repeats as `<key>_init` (did it learn?):
+# these names and every key with one of these prefixes.
+INIT_KEYS = ("slice_precision", "retrieval_r1", "retrieval_r1_findings")
+INIT_PREFIXES = ("zero_shot_", "image_embedding_")
 EVAL_INIT = "eval_init.json"
 
 
@@ -221,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval_at_end:
         summary = evaluate(state)
         summary.update({f"{k}_init": v for k, v in summary_init.items()
-                        if k in ("slice_precision", "retrieval_r1", "retrieval_r1_findings")})
+                        if k in INIT_KEYS or k.startswith(INIT_PREFIXES)})
         summary["final_step"] = step
         writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
         if jax.process_index() == 0:
