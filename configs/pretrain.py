@@ -55,6 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         trainable_layers=1,             # DESIGN §6 prototype: frozen MiniLM + 1 trainable layer
                                         #   (n: the last n layers train; -1: all, embeddings too)
         dtype="float32",                # compute dtype; "bfloat16" on accelerators
+        pooling="cls",                  # "cls" | "mean" (all-MiniLM-L6-v2 is trained mean-pooled)
         max_length=ml_collections.FieldReference(64),  # CPU: phantom reports fit 64 tokens
     ))                                  #   (paper/DESIGN: 112)
     c.model.proj_dim = 128              # CPU (paper scale: 256, DESIGN)
@@ -69,6 +70,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         mode="attentive",               # "attentive" | "random" | "none" (paper Table 7 ablation)
         k=4,                            # DESIGN §4.2: top-4 slices
         slice_mode="center",            # DESIGN §4.2: centre slice of the chosen slab | "mean"
+        layers=0,                       # Eq. 1 over all layers (paper: 0) or the last n
     ))
     c.objective.masking = ml_collections.ConfigDict(dict(
         mode="attentive",               # "attentive" | "random"
@@ -80,6 +82,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         learnable=True,                 # CLIP: learnable logit scale
         max_logit_scale=100.0,          # CLIP: clamp
         joint=True,                     # DESIGN §4.4: 2D and 3D in one similarity matrix
+        targets="pairs",                # "pairs" (CLIP) | "findings" (MedCLIP soft targets)
     ))
     c.objective.sd = ml_collections.ConfigDict(dict(
         enabled=True,                   # paper §3.4 (Table 7 ablation switch)

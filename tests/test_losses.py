@@ -167,3 +167,57 @@ def test_bfloat16_inputs_compute_in_float32(loss):
     got = fn[loss](bf(s), bf(t))
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, fn[loss](f32(s), f32(t)), rtol=1e-6)
+
+
+def soft_clip_reference(img, txt, scale, labels):
+    """MedCLIP-style soft targets: a report is a positive of every image with its label set;
+    cross-entropy against the row-normalised (image->text) and column-normalised (text->image)
+    target matrix, float64, written loop by loop."""
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = (scale * img @ txt.T).astype(np.float64)
+    n = len(img)
+    same = np.array([[float(np.array_equal(labels[i], labels[j])) for j in range(n)]
+                     for i in range(n)])
+    i2t = [-sum(same[i, j] / same[i].sum() * _log_softmax(logits[i])[j] for j in range(n))
+           for i in range(n)]
+    t2i = [-sum(same[i, j] / same[:, j].sum() * _log_softmax(logits[:, j])[i] for i in range(n))
+           for j in range(n)]
+    return (np.mean(i2t) + np.mean(t2i)) / 2
+
+
+def siglip_reference(img, txt, scale, bias):
+    """SigLIP's loss (big_vision): labels 2I - 1, -sum_j log sigmoid(labels * logits), mean."""
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = scale * img.astype(np.float64) @ txt.T.astype(np.float64) + bias
+    labels = 2 * np.eye(len(img)) - 1
+    return -np.sum(np.log(1.0 / (1.0 + np.exp(-labels * logits))), axis=-1).mean()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_soft_clip_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    img, txt = _rand(rng, 12, 8), _rand(rng, 12, 8)
+    labels = rng.integers(0, 2, (12, 2)).astype(np.float32)  # 4 label sets: many shared
+    targets = losses.same_findings_targets(jnp.asarray(labels))
+    got = losses.clip_loss_soft(jnp.asarray(img), jnp.asarray(txt), 14.3, targets)
+    assert _rel(got, soft_clip_reference(img, txt, 14.3, labels)) < RTOL
+
+
+def test_soft_clip_with_distinct_labels_is_clip():
+    rng = np.random.default_rng(3)
+    img, txt = _rand(rng, 6, 5), _rand(rng, 6, 5)
+    labels = np.array([[int(b) for b in f"{i:03b}"] for i in range(6)], np.float32)
+    targets = losses.same_findings_targets(jnp.asarray(labels))
+    np.testing.assert_array_equal(np.asarray(targets), np.eye(6))
+    got = losses.clip_loss_soft(jnp.asarray(img), jnp.asarray(txt), 10.0, targets)
+    assert _rel(got, clip_reference(img, txt, 10.0)) < RTOL
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sigmoid_loss_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    img, txt = _rand(rng, 10, 7), _rand(rng, 10, 7)
+    got = losses.sigmoid_loss(jnp.asarray(img), jnp.asarray(txt), 10.0, -10.0)
+    assert _rel(got, siglip_reference(img, txt, 10.0, -10.0)) < RTOL

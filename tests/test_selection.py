@@ -94,3 +94,22 @@ def test_bad_arguments_raise():
         selection.select_slices(vol, scores, GRID[0] + 1, "center", PD)
     with pytest.raises(ValueError, match="patch depth"):
         selection.select_slices(vol, scores, K, "center", PD + 1)
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_volume_slab_scores_average_the_chosen_layers(layers):
+    rng = np.random.default_rng(2)
+    depth = 3
+    stack = rng.random((depth, B, np.prod(GRID))).astype(np.float32)
+    out = {"cls_attn": jnp.asarray(stack.mean(0)), "cls_attn_layers": jnp.asarray(stack),
+           "grid_3d": GRID}
+    used = stack.astype(np.float64) if layers == 0 else stack[-layers:].astype(np.float64)
+    expected = used.mean(0).reshape(B, GRID[0], -1).mean(-1)
+    np.testing.assert_allclose(selection.volume_slab_scores(out, layers), expected, rtol=1e-6)
+
+
+def test_volume_slab_scores_rejects_more_layers_than_the_model_has():
+    out = {"cls_attn": jnp.zeros((B, 96)), "cls_attn_layers": jnp.zeros((2, B, 96)),
+           "grid_3d": GRID}
+    with pytest.raises(ValueError, match="objective.selection.layers=3"):
+        selection.volume_slab_scores(out, 3)

@@ -307,3 +307,42 @@ def test_without_self_distillation_only_clip_remains(setup, run):
                                    clip__joint=False)
     want_sep = (clip_reference(zx, tx, scale) + clip_reference(zc, tc, scale)) / 2
     assert float(m_sep["loss_vl"]) == pytest.approx(want_sep, rel=1e-4)
+
+
+def test_findings_targets_and_mean_pooling(setup):
+    """clip.targets="findings" with model.text.pooling="mean": the step's L_vl equals the float64
+    soft-target reference on embeddings computed apart, with report features mean-pooled by hand
+    from the text encoder's last hidden states."""
+    from test_losses import soft_clip_reference
+    config, s, state = setup
+    config = tiny_config(config.model.text.checkpoint, sd__enabled=False, selection__mode="none",
+                         clip__targets="findings")
+    config.model.text.pooling = "mean"
+    model = UniMedI.from_config(config)
+    batch = tiny_batch()
+    batch["xray"]["attention_mask"][:, T // 2:] = 0  # padding must not enter the mean
+    labels = np.array([[1, 0], [0, 0], [1, 0], [0, 0], [1, 1]], np.float32)
+    batch["xray"]["labels"], batch["ct"]["labels"] = labels[:B2], labels[B2:]
+    p = state["params"]
+    loss, _, m, _ = _jit(lambda p, b: step_lib.pretrain_step(
+        p, teacher_params(p), state["centers"], b, jax.random.key(0), jnp.int32(0),
+        model=model, config=config))(p, batch)
+
+    def embeddings(p):
+        image = lambda **x: model.project_image(p, model.encode_image(p, **x)[0])
+        hidden = lambda k: model.text.apply({"params": p["text"]}, batch[k]["input_ids"],
+                                            batch[k]["attention_mask"])["last_hidden_state"]
+        return (image(images=batch["xray"]["image"][:, None]), image(volume=batch["ct"]["volume"]),
+                hidden("xray"), hidden("ct"))
+
+    zx, zc, hx, hc = (np.asarray(z, np.float64) for z in _jit(embeddings)(p))
+    pooled = []
+    for h, k in ((hx, "xray"), (hc, "ct")):
+        mask = batch[k]["attention_mask"].astype(np.float64)
+        pooled.append(np.stack([h[i][mask[i] > 0].mean(0) for i in range(len(h))]))
+    kernel = np.asarray(_flat(p["txt_proj"])["proj/kernel"], np.float64)
+    txt = np.concatenate(pooled) @ kernel
+    want = soft_clip_reference(np.concatenate([zx, zc]), txt, math.exp(float(p["logit_scale"])),
+                               labels)
+    assert float(m["loss_vl"]) == pytest.approx(want, rel=1e-4)
+    assert float(loss) == float(m["loss_vl"])

@@ -86,23 +86,25 @@ def _l2_normalize(x: Array) -> Array:
 
 # Jitted bodies; `model` (a hashable UniMedI) is static, so encoders of one model share compiles.
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("k", "mode"))
-def _choose_slices(model: UniMedI, params: dict, volume: Array, *, k: int, mode: str
-                   ) -> tuple[Array, Array, Array]:
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("k", "mode", "layers"))
+def _choose_slices(model: UniMedI, params: dict, volume: Array, *, k: int, mode: str,
+                   layers: int = 0) -> tuple[Array, Array, Array]:
     """Volumes (B, D, H, W) -> top-k slices (B, k, H, W), slab indices (B, k), scores (B, d)."""
     _, out = model.encode_image(params, volume=volume)
-    scores = selection.slice_scores(out["cls_attn"], out["grid_3d"])
+    scores = selection.volume_slab_scores(out, layers)
     slices, indices = selection.select_slices(volume, scores, k, mode, model.vit.patch_size_3d[0])
     return slices, indices, scores
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("slices", "mode"))
-def _image_cls(model: UniMedI, params: dict, x: Array, *, slices: int, mode: str) -> Array:
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("slices", "mode", "layers"))
+def _image_cls(model: UniMedI, params: dict, x: Array, *, slices: int, mode: str,
+               layers: int = 0) -> Array:
     """X-rays (B, H, W), or volumes (B, D, H, W) joined by their top `slices` slices -> CLS."""
     if x.ndim == 3:
         inputs = {"images": x}
     elif slices:
-        inputs = {"volume": x, "images": _choose_slices(model, params, x, k=slices, mode=mode)[0]}
+        inputs = {"volume": x, "images": _choose_slices(model, params, x, k=slices, mode=mode,
+                                                           layers=layers)[0]}
     else:
         inputs = {"volume": x}
     return model.encode_image(params, **inputs)[0].astype(jnp.float32)
@@ -145,6 +147,7 @@ class Encoder:
         self.max_length = int(config.model.text.max_length)
         sel = config.objective.selection
         self.slice_mode = sel.slice_mode
+        self.slice_layers = int(sel.get("layers", 0))  # configs saved before the key: all
         self.default_slices = 0 if sel.mode == "none" else int(sel.k)
         self.logit_scale = float(logit_scale(self.params, config.objective.clip))
 
@@ -202,7 +205,8 @@ class Encoder:
     def encode_xray(self, images) -> np.ndarray:
         """X-rays float32 (B, H, W) -> final-norm CLS features (B, width)."""
         images = _as_batch(images, 3, "encode_xray", "images (B, H, W)")
-        return self._batched(_image_cls, images, slices=0, mode=self.slice_mode)
+        return self._batched(_image_cls, images, slices=0, mode=self.slice_mode,
+                             layers=self.slice_layers)
 
     def encode_ct(self, volumes, slices: int | None = None) -> np.ndarray:
         """CT volumes float32 (B, D, H, W) -> final-norm CLS features (B, width).
@@ -211,7 +215,7 @@ class Encoder:
         """
         volumes = _as_batch(volumes, 4, "encode_ct", "volumes (B, D, H, W)")
         return self._batched(_image_cls, volumes, slices=self._ct_slices(slices, volumes),
-                             mode=self.slice_mode)
+                             mode=self.slice_mode, layers=self.slice_layers)
 
     def _embed(self, cls: np.ndarray) -> np.ndarray:
         return self._batched(_image_embedding, cls)
@@ -268,5 +272,5 @@ class Encoder:
         if k < 1:
             raise ValueError(f"select_slices needs k >= 1, got {k}")
         _, indices, scores = self._batched(_choose_slices, x, k=self._check_k(k, x.shape[1], "k"),
-                                          mode=self.slice_mode)
+                                          mode=self.slice_mode, layers=self.slice_layers)
         return (indices[0], scores[0]) if single else (indices, scores)

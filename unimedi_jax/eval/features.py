@@ -151,15 +151,16 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def slab_scores(model, params: dict, volume: jax.Array) -> jax.Array:
-    """Eq. 2 slab scores (B, d) of the encoder's own CLS attention on the volume alone."""
+def slab_scores(model, params: dict, volume: jax.Array, layers: int = 0) -> jax.Array:
+    """Eq. 1-2 slab scores (B, d) of the encoder's own CLS attention on the volume alone (all
+    layers, or the last `layers`: `selection.volume_slab_scores`)."""
     _, out = model.encode_image(params, volume=volume)
-    return selection.slice_scores(out["cls_attn"], out["grid_3d"])
+    return selection.volume_slab_scores(out, layers)
 
 
 def ct_inputs(model, params: dict, volume: jax.Array, selection_cfg) -> tuple[dict, jax.Array]:
     """Pretraining-style CT input (volume + selected slices) and the `slab_scores` (B, d)."""
-    scores = slab_scores(model, params, volume)
+    scores = slab_scores(model, params, volume, selection_cfg.get("layers", 0))
     if selection_cfg.mode == "none":
         return {"volume": volume}, scores
     slices, _ = selection.select_slices(volume, scores, selection_cfg.k, selection_cfg.slice_mode,

@@ -24,6 +24,7 @@ from unimedi_jax.models import vit as vit_lib
 
 Array = jax.Array
 TEACHER_KEYS = ("vision", "dino_head")
+TEXT_POOLING = ("cls", "mean")  # model.text.pooling: the report feature of the text encoder
 
 
 def teacher_params(params: dict) -> dict:
@@ -55,6 +56,7 @@ class UniMedI:
     dino_head: heads.DINOHead
     text_checkpoint: str
     temperature: float  # initial CLIP temperature: logit_scale starts at log(1 / temperature)
+    text_pooling: str = "cls"  # TEXT_POOLING: [CLS] output, or mean over the report's tokens
 
     @classmethod
     def from_config(cls, config) -> UniMedI:
@@ -64,6 +66,9 @@ class UniMedI:
         compute in the ViT's dtype.
         """
         m = config.model
+        pooling = m.text.get("pooling", "cls")  # configs saved before the key: [CLS]
+        if pooling not in TEXT_POOLING:
+            raise ValueError(f"model.text.pooling={pooling!r}; expected one of {TEXT_POOLING}")
         vit = vit_lib.from_config(m.vit)
         folder, text_cfg = _text_config(m.text)
         return cls(
@@ -72,7 +77,8 @@ class UniMedI:
             txt_proj=heads.Projection(m.proj_dim, dtype=vit.dtype),
             dino_head=heads.DINOHead(m.dino.out_dim, m.dino.hidden_dim, m.dino.bottleneck_dim,
                                      m.dino.norm_last_layer, dtype=vit.dtype),
-            text_checkpoint=folder, temperature=config.objective.clip.temperature)
+            text_checkpoint=folder, temperature=config.objective.clip.temperature,
+            text_pooling=pooling)
 
     def init_random(self, rng: Array) -> dict:
         """Randomly initialised params for everything but the text encoder (jittable)."""
@@ -108,9 +114,16 @@ class UniMedI:
         return self.vit.apply({"params": params["vision"]}, **inputs)
 
     def encode_text(self, params: dict, input_ids: Array, attention_mask: Array) -> Array:
-        """Report [CLS] features (B, text width)."""
-        return self.text.apply({"params": params["text"]}, input_ids, attention_mask,
-                               cls_only=True)["cls"]
+        """Report features (B, text width): the [CLS] output (`text_pooling="cls"`; the last
+        layer runs at [CLS] alone), or the mean of the last layer over the attended tokens
+        ("mean", as sentence-transformers pool all-MiniLM-L6-v2)."""
+        if self.text_pooling == "cls":
+            return self.text.apply({"params": params["text"]}, input_ids, attention_mask,
+                                   cls_only=True)["cls"]
+        hidden = self.text.apply({"params": params["text"]}, input_ids,
+                                 attention_mask)["last_hidden_state"]
+        weights = attention_mask.astype(hidden.dtype)[..., None]
+        return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
 
     def project_image(self, params: dict, cls: Array) -> Array:
         return self.img_proj.apply({"params": params["img_proj"]}, cls)

@@ -190,8 +190,9 @@ class ViT(nn.Module):
 
         keep: (B, M) int indices into the N patch tokens: the sequence becomes [CLS, tokens[keep]].
         mask: (B, N) bool, True replaces that patch embedding by the mask token.
-        Returns cls (B, width) and out with "tokens" (B, M|N, width), "cls_attn" (B, M|N) and
-        the static token counts and grids.
+        Returns cls (B, width) and out with "tokens" (B, M|N, width), "cls_attn" (B, M|N) (Eq. 1:
+        the mean over layers and heads), "cls_attn_layers" (depth, B, M|N) (per layer) and the
+        static token counts and grids.
         """
         if volume is None and images is None:
             raise ValueError("ViT needs a volume, images, or both")
@@ -244,7 +245,7 @@ class ViT(nn.Module):
             cls_attn = jnp.stack(cls_attn)
         norm = nn.LayerNorm(epsilon=1e-6, name="norm")
         x = norm(x)
-        out.update(tokens=x[:, 1:], cls_attn=cls_attn.mean(axis=0),
+        out.update(tokens=x[:, 1:], cls_attn=cls_attn.mean(axis=0), cls_attn_layers=cls_attn,
                    layers=[norm(y) for y in layers])
         return x[:, 0], out
 

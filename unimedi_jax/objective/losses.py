@@ -35,6 +35,43 @@ def clip_loss(img_emb: Array, txt_emb: Array, logit_scale: Array | float) -> Arr
     return 0.5 * (i2t.mean() + t2i.mean())
 
 
+def clip_loss_soft(img_emb: Array, txt_emb: Array, logit_scale: Array | float,
+                   targets: Array) -> Array:
+    """CLIP InfoNCE with soft targets (MedCLIP): targets (B, B), row i the distribution over
+    reports that image i matches (e.g. every report with image i's label set, normalised);
+    image->text uses its rows, text->image its columns (each column normalised). With the
+    identity as targets this is `clip_loss`."""
+    img = _l2_normalize(img_emb.astype(jnp.float32))
+    txt = _l2_normalize(txt_emb.astype(jnp.float32))
+    logits = logit_scale * img @ txt.T
+    targets = jax.lax.stop_gradient(targets.astype(jnp.float32))
+    rows = targets / jnp.maximum(targets.sum(axis=1, keepdims=True), 1e-12)
+    cols = targets / jnp.maximum(targets.sum(axis=0, keepdims=True), 1e-12)
+    i2t = -jnp.sum(rows * jax.nn.log_softmax(logits, axis=1), axis=1)
+    t2i = -jnp.sum(cols * jax.nn.log_softmax(logits, axis=0), axis=0)
+    return 0.5 * (i2t.mean() + t2i.mean())
+
+
+def same_findings_targets(labels: Array) -> Array:
+    """(B, B) float32: 1 where samples i and j have the same label set (labels (B, L) in {0, 1};
+    unknown entries, anything else, must agree too), the diagonal always 1."""
+    same = jnp.all(labels[:, None, :] == labels[None, :, :], axis=-1)
+    return (same | jnp.eye(labels.shape[0], dtype=bool)).astype(jnp.float32)
+
+
+def sigmoid_loss(img_emb: Array, txt_emb: Array, logit_scale: Array | float,
+                 logit_bias: Array | float, targets: Array | None = None) -> Array:
+    """SigLIP (Zhai et al. 2023): every image-report pair is a binary problem,
+    -sum_j log sigmoid(z_ij (t cos_ij + b)) per image, mean over images; z_ij = +1 for the
+    positives (the diagonal, or where `targets` (B, B) > 0), -1 otherwise."""
+    img = _l2_normalize(img_emb.astype(jnp.float32))
+    txt = _l2_normalize(txt_emb.astype(jnp.float32))
+    logits = logit_scale * img @ txt.T + logit_bias
+    positive = jnp.eye(logits.shape[0], dtype=bool) if targets is None else targets > 0
+    z = jnp.where(jax.lax.stop_gradient(positive), 1.0, -1.0)
+    return -jnp.sum(jax.nn.log_sigmoid(z * logits), axis=1).mean()
+
+
 def _distill_ce(student_logits: Array, teacher_logits: Array, center: Array,
                 student_temp: float, teacher_temp: float) -> Array:
     """Per-row -sum_k softmax((t - c)/tt) * log_softmax(s/ts) (..., K) -> (...); teacher stopped."""

@@ -44,6 +44,10 @@ Array = jax.Array
 MODALITIES = ("xray", "ct")  # batch keys, in the order their samples enter the CLIP matrix
 SELECTION_MODES = ("attentive", "random", "none")
 ON_NONFINITE = ("stop", "skip")
+# objective.clip.targets: "pairs" (each image's own report is its one positive, CLIP) or
+# "findings" (every report in the batch with the image's label set is a positive: soft targets
+# as MedCLIP, so reports that say the same are not pushed apart as negatives)
+CLIP_TARGETS = ("pairs", "findings")
 
 
 def logit_scale(params: dict, clip_cfg) -> Array:
@@ -71,7 +75,7 @@ def _vision_inputs(model: UniMedI, teacher: dict, sub: dict, kind: str, sel_cfg,
     patch_depth = model.vit.patch_size_3d[0]
     if sel_cfg.mode == "attentive":
         _, out = model.encode_image(teacher, volume=volume)
-        scores = selection.slice_scores(out["cls_attn"], out["grid_3d"])
+        scores = selection.volume_slab_scores(out, sel_cfg.get("layers", 0))
     elif sel_cfg.mode == "random":
         scores = selection.random_scores(rng, (volume.shape[0], volume.shape[1] // patch_depth))
     else:
@@ -160,6 +164,18 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
                                         sd.teacher_temp_warmup_steps)
     cat = lambda key: jnp.concatenate([targets[k][key] for k in kinds], axis=0)
 
+    targets_mode = obj.clip.get("targets", "pairs")  # configs saved before the key: pairs
+    if targets_mode not in CLIP_TARGETS:
+        raise ValueError(f"objective.clip.targets={targets_mode!r}; expected one of "
+                         f"{CLIP_TARGETS}")
+    labels = (jnp.concatenate([batch[k]["labels"] for k in kinds], axis=0)
+              if targets_mode == "findings" else None)
+
+    def vl_loss(z_img, z_txt, scale, labels):
+        if labels is None:
+            return losses.clip_loss(z_img, z_txt, scale)
+        return losses.clip_loss_soft(z_img, z_txt, scale, losses.same_findings_targets(labels))
+
     def loss_fn(p):
         p = _stop_frozen(p, config)
         ids = jnp.concatenate([batch[k]["input_ids"] for k in kinds], axis=0)
@@ -169,10 +185,11 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
         z_img = jnp.concatenate([model.project_image(p, encoded[k][0]) for k in kinds], axis=0)
         scale = logit_scale(p, obj.clip)
         if obj.clip.joint:
-            l_vl = losses.clip_loss(z_img, z_txt, scale)
+            l_vl = vl_loss(z_img, z_txt, scale, labels)
         else:
             bounds = [0, *itertools.accumulate(sizes)]
-            l_vl = sum(losses.clip_loss(z_img[a:b], z_txt[a:b], scale)
+            l_vl = sum(vl_loss(z_img[a:b], z_txt[a:b], scale,
+                               None if labels is None else labels[a:b])
                        for a, b in zip(bounds[:-1], bounds[1:])) / len(kinds)
         terms = {"loss_vl": l_vl}
         if sd.enabled:
