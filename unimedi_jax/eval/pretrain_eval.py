@@ -18,8 +18,9 @@
 - zero_shot_auroc_<finding>: zero-shot AUROC of `config.eval.prompts` (`zero_shot`) over the
   split's CTs and X-rays together; zero_shot_mean_auroc: their mean over the defined ones;
   zero_shot_mean_auroc_{ct,xray}: the mean per modality.
-- image_embedding_mean_cosine{,_ct,_xray}: mean pairwise cosine of the image embeddings (1 =
-  collapsed), image_embedding_effective_rank{,_ct,_xray}: their RankMe effective rank.
+- image_embedding_mean_cosine_{ct,xray}: mean pairwise cosine of a modality's image embeddings
+  (1 = collapsed), image_embedding_effective_rank_{ct,xray}: their RankMe effective rank; the
+  keys without a modality are the mean over the modalities.
 A CT's embedding is computed as in pretraining: the volume with its k selected slices
 (`features.clip_embeddings`). Sources may be None (that modality is skipped); slice metrics
 need `train_ct` and CT records with `slice_has_finding`.
@@ -79,12 +80,15 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
 
 
 def embedding_metrics(images: dict[str, np.ndarray]) -> dict[str, float]:
-    """Collapse figures of image embeddings {modality: (N, P)}, per modality and all together."""
+    """Collapse figures of image embeddings {modality: (N, P)}: per modality, and their mean over
+    the modalities (not over the pooled embeddings: two modalities in different directions would
+    hide a collapse within each)."""
     out = {}
-    for suffix, x in [(f"_{m}", x) for m, x in images.items()] + [
-            ("", np.concatenate(list(images.values())))]:
-        out[f"image_embedding_mean_cosine{suffix}"] = metrics.mean_pairwise_cosine(x)
-        out[f"image_embedding_effective_rank{suffix}"] = metrics.effective_rank(x)
+    for name, fn in (("mean_cosine", metrics.mean_pairwise_cosine),
+                     ("effective_rank", metrics.effective_rank)):
+        values = {m: fn(x) for m, x in images.items()}
+        out.update({f"image_embedding_{name}_{m}": v for m, v in values.items()})
+        out[f"image_embedding_{name}"] = float(np.mean(list(values.values())))
     return out
 
 

@@ -59,19 +59,6 @@ def same_findings_targets(labels: Array) -> Array:
     return (same | jnp.eye(labels.shape[0], dtype=bool)).astype(jnp.float32)
 
 
-def sigmoid_loss(img_emb: Array, txt_emb: Array, logit_scale: Array | float,
-                 logit_bias: Array | float, targets: Array | None = None) -> Array:
-    """SigLIP (Zhai et al. 2023): every image-report pair is a binary problem,
-    -sum_j log sigmoid(z_ij (t cos_ij + b)) per image, mean over images; z_ij = +1 for the
-    positives (the diagonal, or where `targets` (B, B) > 0), -1 otherwise."""
-    img = _l2_normalize(img_emb.astype(jnp.float32))
-    txt = _l2_normalize(txt_emb.astype(jnp.float32))
-    logits = logit_scale * img @ txt.T + logit_bias
-    positive = jnp.eye(logits.shape[0], dtype=bool) if targets is None else targets > 0
-    z = jnp.where(jax.lax.stop_gradient(positive), 1.0, -1.0)
-    return -jnp.sum(jax.nn.log_sigmoid(z * logits), axis=1).mean()
-
-
 def _distill_ce(student_logits: Array, teacher_logits: Array, center: Array,
                 student_temp: float, teacher_temp: float) -> Array:
     """Per-row -sum_k softmax((t - c)/tt) * log_softmax(s/ts) (..., K) -> (...); teacher stopped."""
