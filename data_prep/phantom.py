@@ -17,7 +17,7 @@ Reading, with no TensorFlow:
     source = builder.as_data_source("validation")                       # built with
     source[0]["volume"]  # int16 (32, 64, 64)
 
-or, without this code, `tfds.builder_from_directory(DATA_DIR/phantom/ct/1.1.0)`. Default
+or, without this code, `tfds.builder_from_directory(DATA_DIR/phantom/ct/1.2.0)`. Default
 options use the config names `ct` and `xray`; other options get `ct-<hash>` / `xray-<hash>`,
 so datasets of different options never share a folder.
 
@@ -107,9 +107,16 @@ def _pixel_shape(config: PhantomConfig) -> tuple:
 class Phantom(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest CT volumes and DRR X-rays with planted findings and generated reports."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
-                     "1.1.0": "Lesions twice their clinical width by default (lesion_scale=2)."}
+                     "1.1.0": "Lesions twice their clinical width by default (lesion_scale=2).",
+                     "1.2.0": "CT findings local in depth (mean share of finding slabs "
+                              "0.55 -> 0.26): lesions centred on a slab, compact in depth, "
+                              "fewer per case, bilateral effusions at one level (X-ray "
+                              "lesions as before); slice_has_finding leaves out cardiomegaly "
+                              "(a whole-organ finding, still in mask and labels). Reports: "
+                              "more paraphrases, varied order, fewer negations (0.7 -> 0.35), "
+                              "shorter filler (> 64 tokens: 19% -> 1% of CT reports)."}
     BUILDER_CONFIGS = [make_config(m) for m in MODALITIES]
 
     def __init__(self, **kwargs):

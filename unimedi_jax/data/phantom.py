@@ -13,6 +13,13 @@ A subject is drawn first (body, lungs, heart, spine, ribs, vessels, tissue inten
 the scan range (the CT's cranio-caudal offset and extent are jittered so that absolute depth
 says little about where findings are), then findings spread uniformly over the visible lung
 depth, then everything is painted into a uint8 tissue map that maps to HU by lookup.
+
+Findings are local in depth: on CT each focal lesion is centred on one of the slabs of
+`min_finding_slices` slices (the 3D patch depth), drawn uniformly, and is compact in depth, so
+it fills one slab (three when deeper than a slab); X-ray lesions keep their full height
+(the CT_* constants).
+Cardiomegaly is a whole-organ finding, in `mask` and `labels` but not in `slice_has_finding`
+(LOCAL_FINDINGS, MAX_FINDING_SLAB_FRACTION).
 """
 
 from __future__ import annotations
@@ -26,6 +33,17 @@ from unimedi_jax.ops import drr as drr_lib
 
 LABEL_NAMES = ("nodule", "consolidation", "ground_glass", "effusion", "cardiomegaly")
 NODULE, CONSOLIDATION, GROUND_GLASS, EFFUSION, CARDIOMEGALY = range(len(LABEL_NAMES))
+# Findings with a place in depth: a CT's `slice_has_finding` marks the slices holding one of
+# them. Cardiomegaly is a whole-organ finding: `mask` marks the enlarged heart (class 5) and
+# `labels` name it, but its slices are not finding slices. The heart spans ~60% of the slabs of
+# a default volume at a depth anatomy fixes, so with it the slice truth of a cardiomegaly case
+# says where the heart is (which a fixed slab-position prior knows), not where a lesion is.
+LOCAL_FINDINGS = (NODULE, CONSOLIDATION, GROUND_GLASS, EFFUSION)
+# Design bound at the default options: over CT volumes with a finding slab, the mean share of
+# slabs (min_finding_slices slices, grouped as eval/selection_eval.py `slab_truth` does) that
+# hold a finding, i.e. the random baseline of slice-selection precision (tests/test_phantom.py).
+# Focal lesions fill one slab, or three when deeper than a slab, at a depth drawn uniformly.
+MAX_FINDING_SLAB_FRACTION = 0.3
 
 # Tissue codes of the label map. Mask class of finding f is f + 1 (docs/CONTRACTS.md).
 TISSUES = ("air", "fat", "soft_tissue", "lung", "heart", "bone", "vessel",
@@ -76,18 +94,36 @@ HILUM = ((0.35, 0.45), -0.3, 0.55)  # vessel origin: depth (fraction of lung len
 VESSEL_REACH = 0.9  # vessel ends lie within this fraction of the lung cross-section
 VESSEL_TOP = 0.1  # and below this fraction of lung length
 
-# Findings.
+# Findings. In-plane sizes are clinical (times PhantomOptions.lesion_scale).
 NODULE_DIAMETER = (4.0, 30.0)  # mm, log-uniform; Fleischner glossary: nodules are < 30 mm
-NODULE_COUNT = (1, 3)
+NODULE_COUNT = (1 / 3, 1 / 3, 1 / 3)  # P(1, 2, 3 nodules)
 NODULE_ELONGATION = (0.85, 1.15)  # per-axis radius factor
 CONSOLIDATION_RADIUS = (12.0, 30.0)
 GROUND_GLASS_RADIUS = (15.0, 35.0)
-PATCH_COUNT = (1, 2)  # consolidation / ground-glass patches per subject
+PATCH_COUNT = (0.5, 0.5)  # P(1, 2 patches) of consolidation / ground glass per subject
 PATCH_SPREAD = 0.7  # a patch is 3 ellipsoids offset by up to this many radii
 PATCH_PART_RADIUS = (0.5, 1.0)  # their radii, in patch radii
 EFFUSION_THICKNESS = {"small": (10.0, 20.0), "moderate": (25.0, 40.0), "large": (45.0, 65.0)}
 EFFUSION_EXTENT = (0.2, 0.45)  # cranio-caudal extent, fraction of lung length
-BILATERAL_EFFUSION = 0.3  # share of effusions on both sides
+BILATERAL_EFFUSION = 0.3  # share of effusions on both sides (at one level)
+# CT only: findings local in depth (MAX_FINDING_SLAB_FRACTION). Fewer lesions per case, each
+# centred on a slab (`_slab_centres`) and compact in depth, so that it fills one slab of
+# `min_finding_slices` slices (a few when deeper). X-rays keep the lesions above: a radiograph
+# has no slabs, and it shows the cranio-caudal axis in its plane, where their height keeps them
+# visible at 64 px (with the CT lesions, the median X-ray mask area of a consolidation in the
+# 64-px crop fell from 100 to 32 px, of an effusion from 245 to 76).
+CT_NODULE_COUNT = (0.7, 0.2, 0.1)  # most nodule cases are solitary
+CT_PATCH_COUNT = (0.8, 0.2)
+# Depth radius of a patch part, in its in-plane radius, all parts at the patch's depth: a flat
+# patch. Not clinical: at its clinical depth a patch alone touched ~2.4 of the 8 slabs of a
+# default volume.
+CT_PATCH_DEPTH = 0.5
+# Cranio-caudal extent of the fluid band per severity, fraction of lung length (10-20, 15-30,
+# 25-40 mm for a 255 mm lung). Not clinical: a free effusion layers along the posterior chest
+# wall from the base upwards, the more fluid the higher; here severity is carried by the
+# layer's thickness, and the band stays local in depth at any level (a basal band would lie in
+# the bottom slabs of every scan that reaches the base, which absolute depth alone predicts).
+CT_EFFUSION_EXTENT = {"small": (0.04, 0.08), "moderate": (0.06, 0.12), "large": (0.1, 0.16)}
 FINDING_REACH = 0.85  # finding centres lie within this fraction of the lung cross-section
 VOXEL_FLOOR = 0.75  # lesion cross-sections are at least this many in-plane voxels wide
 
@@ -119,9 +155,9 @@ class PhantomOptions:
     xray_noise: float = 0.01  # Gaussian noise on the [0, 1] radiograph
     min_finding_slices: int = 4  # = 3D patch depth (DESIGN.md section 2)
     # In-plane size factor of nodules, consolidation/ground-glass patches and effusion thickness
-    # (depth extents stay clinical, so findings stay as local to slabs). 2: the default 64-px slices (~6-mm
-    # pixels) resolve them, which a 400-step supervised ViT cannot at 1 (clinical sizes; AUROC
-    # of consolidation 0.54 -> 0.67, effusion 0.69 -> 0.87 from CT).
+    # (depth extents are not scaled, so findings stay as local to slabs). 2: the default 64-px
+    # slices (~6-mm pixels) resolve them, which a 400-step supervised ViT cannot at 1 (clinical
+    # sizes; AUROC of consolidation 0.54 -> 0.67, effusion 0.69 -> 0.87 from CT; builder 1.1.0).
     lesion_scale: float = 2.0
     pair_drr_with_ct: bool = False  # X-ray i is the DRR of CT i (UniMiSS+)
     seed: int = 0
@@ -337,17 +373,22 @@ def _choose_findings(rng, opts):
     return present
 
 
-def _sample_findings(rng, subject, present, window, nodule_zones, scale):
-    """Findings of the present kinds, spread uniformly over the lung depth seen in `window`.
+def _sample_findings(rng, subject, present, zones, scale, slabs):
+    """Findings of the present kinds, spread uniformly over depth.
 
-    window: (z_first, z_last), the depth (mm) of the first and last slice. A lesion of depth
-    half-extent h is centred uniformly in [z_first - h, z_last + h] (within its lung), so
-    every depth of the window is covered about equally often. Nodules are centred in one of
-    `nodule_zones` ((lo, hi) depth ranges, one drawn uniformly), which keep them whole.
+    zones: (lo, hi) depth ranges (mm); each focal lesion (a nodule, a consolidation or
+    ground-glass patch, an effusion band) is centred in one, drawn uniformly, within its lung.
+    CT: the centres of the slabs of `min_finding_slices` slices (`_slab_centres`), so a lesion
+    no deeper than a slab fills exactly that slab and every slab is equally likely; X-ray: the
+    lung's depth. Bilateral effusions lie at one level.
     scale: `PhantomOptions.lesion_scale`, applied to the in-plane (y, x) lesion sizes.
+    slabs: CT, with the CT_* lesion counts and depth extents.
     """
     findings = []
     in_plane = np.array([1.0, scale, scale])  # (z, y, x) factor of the lesion sizes
+
+    def zone():
+        return zones[int(rng.integers(len(zones)))]
 
     def place(kind, zone, side=None, **fields):
         side = int(rng.integers(2)) if side is None else side
@@ -361,34 +402,40 @@ def _sample_findings(rng, subject, present, window, nodule_zones, scale):
         return None
 
     if present[NODULE]:
-        for _ in range(rng.integers(NODULE_COUNT[0], NODULE_COUNT[1] + 1)):
+        counts = CT_NODULE_COUNT if slabs else NODULE_COUNT
+        for _ in range(1 + int(rng.choice(len(counts), p=counts))):
             d = float(np.exp(rng.uniform(*np.log(NODULE_DIAMETER))))
-            zone = nodule_zones[int(rng.integers(len(nodule_zones)))]
-            centre = place(NODULE, zone, size_mm=d)
+            centre = place(NODULE, zone(), size_mm=d)
             if centre is not None:
                 findings[-1].parts = [(centre, d / 2 * _uniform(rng, NODULE_ELONGATION, 3)
                                                   * in_plane)]
     for kind, radius in ((CONSOLIDATION, CONSOLIDATION_RADIUS),
                          (GROUND_GLASS, GROUND_GLASS_RADIUS)):
         if present[kind]:
-            for _ in range(rng.integers(PATCH_COUNT[0], PATCH_COUNT[1] + 1)):
+            counts = CT_PATCH_COUNT if slabs else PATCH_COUNT
+            for _ in range(1 + int(rng.choice(len(counts), p=counts))):
                 r = _uniform(rng, radius)
                 offsets = rng.uniform(-PATCH_SPREAD, PATCH_SPREAD, (3, 3)) * r * in_plane
-                offsets[0] = 0.0
+                offsets[0] = 0.0  # part 0 at the centre
                 radii = r * _uniform(rng, PATCH_PART_RADIUS, (3, 3)) * in_plane
-                centre = place(kind, (window[0] - r, window[1] + r))
+                if slabs:  # all parts at the patch's depth, flattened
+                    offsets[:, 0] = 0.0
+                    radii[:, 0] *= CT_PATCH_DEPTH
+                centre = place(kind, zone())
                 if centre is not None:
                     findings[-1].parts = [(centre + o, q) for o, q in zip(offsets, radii)]
     if present[EFFUSION]:
         severity = str(rng.choice(list(EFFUSION_THICKNESS)))
-        half = _uniform(rng, EFFUSION_EXTENT) * subject.length / 2
+        extent = CT_EFFUSION_EXTENT[severity] if slabs else EFFUSION_EXTENT
+        half = _uniform(rng, extent) * subject.length / 2
         thickness = _uniform(rng, EFFUSION_THICKNESS[severity]) * scale
         sides = (0, 1) if rng.random() < BILATERAL_EFFUSION else (int(rng.integers(2)),)
+        level = zone()
         for side in sides:
-            centre = place(EFFUSION, (window[0] - half, window[1] + half), side,
-                           severity=severity)
+            centre = place(EFFUSION, level, side, severity=severity)
             if centre is not None:
                 findings[-1].band = (centre[0] - half, centre[0] + half, thickness)
+                level = (centre[0], centre[0])  # the other side's fluid at the same level
     if present[CARDIOMEGALY]:
         findings.append(Finding(CARDIOMEGALY, "", 0.0,
                                 severity="moderate" if subject.enlargement >= MODERATE_CARDIOMEGALY
@@ -438,7 +485,9 @@ def _paint(tissue, box, inside, code, where=None):
 
 def _render(subject, findings, grid, min_slices):
     """Paints the subject into a uint8 tissue map (D, H, W); returns it, the finding mask
-    (uint8, class = finding + 1) and the findings that left at least one voxel."""
+    (uint8, class = finding + 1) and the findings that left at least one voxel. Nodules are
+    at least `min_slices` slices deep (a whole slab, centred on one); patches and effusion
+    bands at least min(2, min_slices) (so one centred between two slices keeps both)."""
     tissue = np.full(grid.shape, T_AIR, np.uint8)
     z, y, x = grid.coords()
     for (ey, ex), code in ((subject.body, T_FAT), (subject.muscle, T_SOFT)):
@@ -466,11 +515,13 @@ def _render(subject, findings, grid, min_slices):
     spine_y, spine_r = subject.spine
     tissue[:, ((y - spine_y) ** 2 + x ** 2)[0] < spine_r ** 2] = T_BONE
 
-    kept = []
+    kept, thin = [], min(2, min_slices)
     for f in findings:
         painted = 0
         if f.kind == EFFUSION:
             z0, z1, thick = f.band
+            floor = thin / 2 * grid.spacing[0] - (z1 - z0) / 2
+            z0, z1 = z0 - max(floor, 0.0), z1 + max(floor, 0.0)
             lung = subject.lungs[("right", "left").index(f.side)]
             box = grid.box((z0, lung["cy"] - lung["ry"], lung["cx"] - lung["rx"]),
                            (z1, lung["cy"] + lung["ry"], lung["cx"] + lung["rx"]))
@@ -484,8 +535,9 @@ def _render(subject, findings, grid, min_slices):
             code, where = {NODULE: (T_NODULE, None),
                            CONSOLIDATION: (T_CONSOLIDATION, (T_LUNG, T_VESSEL)),
                            GROUND_GLASS: (T_GROUND_GLASS, (T_LUNG,))}[f.kind]
+            depth = min_slices if f.kind == NODULE else thin
             for centre, radii in f.parts:
-                painted += _paint(tissue, *_ellipsoid(grid, centre, radii, min_slices), code,
+                painted += _paint(tissue, *_ellipsoid(grid, centre, radii, depth), code,
                                   where=where)
         if painted:
             kept.append(f)
@@ -499,55 +551,108 @@ def _render(subject, findings, grid, min_slices):
 
 
 # ------------------------------------------------------------------------------------- reports
+#
+# A report states every finding present (one sentence per kind), negates some absent ones and
+# adds a few normal statements about other structures, so its labels follow exactly from the
+# findings: a finding's words appear positively iff it is present (tests/test_phantom.py reads
+# them back). Wording, negations and order vary per report; reports stay short enough for
+# 64-token text encoders (the CPU config's max_length).
 
 _LOBES = {"right": ((1 / 3, "upper"), (2 / 3, "middle"), (1.0, "lower")),
           "left": ((0.5, "upper"), (1.0, "lower"))}
 _LOCATION = {
     "ct": ("{side} {lobe} lobe", "{lobe} lobe of the {side} lung"),
-    "xray": ("{side} {zone} lung zone", "{side} {zone} zone", "{zone} {side} lung"),
+    "xray": ("{side} {zone} lung zone", "{side} {zone} zone", "{zone} {side} lung",
+             "{side} {zone} lung"),
 }
 _ZONES = ((1 / 3, "upper"), (2 / 3, "mid"), (1.0, "lower"))
 _POSITIVE = {
     NODULE: ("There is a {size} mm {adj}nodule in the {loc}.",
              "A {size}-mm {adj}pulmonary nodule is seen in the {loc}.",
              "{Loc} {adj}nodule measuring {size} mm.",
-             "Noted is a {adj}nodule in the {loc}, measuring {size} mm."),
+             "Noted is a {adj}nodule in the {loc}, measuring {size} mm.",
+             "{Size} mm {adj}nodule in the {loc}.",
+             "A {adj}nodule in the {loc} measures {size} mm.",
+             "{Loc} {size} mm {adj}nodule.",
+             "There is a {adj}pulmonary nodule in the {loc} ({size} mm)."),
     CONSOLIDATION: ("There is consolidation in the {loc}.",
                     "Focal consolidation is present in the {loc}.",
                     "Airspace consolidation involving the {loc}.",
-                    "{Loc} consolidation, which may represent pneumonia."),
+                    "{Loc} consolidation, which may represent pneumonia.",
+                    "Consolidation in the {loc}.",
+                    "{Loc} airspace consolidation.",
+                    "Dense consolidation is seen in the {loc}.",
+                    "An area of consolidation in the {loc}."),
     GROUND_GLASS: ("There are ground-glass opacities in the {loc}.",
                    "Patchy ground-glass opacity in the {loc}.",
                    "Hazy ground glass attenuation is seen in the {loc}.",
-                   "{Loc} ground-glass opacification."),
-    EFFUSION: ("There is a {severity} {side} pleural {effusion}.",
-               "{Severity} {side} pleural {effusion}.",
-               "A {severity} {side} pleural {effusion} is present.",
-               "{Side} pleural {effusion}, {severity} in size."),
+                   "{Loc} ground-glass opacification.",
+                   "Ground-glass opacity in the {loc}.",
+                   "Focal ground-glass density in the {loc}.",
+                   "An area of ground-glass opacity is noted in the {loc}.",
+                   "{Loc} ground glass opacities."),
+    EFFUSION: ("There is a {severity} {side} pleural effusion.",
+               "{Severity} {side} pleural effusion.",
+               "A {severity} {side} pleural effusion is present.",
+               "{Side} pleural effusion, {severity} in size.",
+               "{Severity} {side} effusion.",
+               "There is pleural fluid on the {side}, {severity} in amount.",
+               "{Severity} {side} pleural effusion is seen."),
     CARDIOMEGALY: ("The heart is enlarged.", "{Severity} cardiomegaly.",
-                   "The cardiac silhouette is {severity}ly enlarged.", "Cardiomegaly."),
+                   "The cardiac silhouette is {severity}ly enlarged.", "Cardiomegaly.",
+                   "The heart is {severity}ly enlarged.", "There is {severity} cardiomegaly.",
+                   "Enlarged cardiac silhouette.", "Cardiomegaly is present."),
 }
+_BILATERAL_EFFUSIONS = ("There are {severity} bilateral pleural effusions.",
+                        "{Severity} bilateral pleural effusions.",
+                        "Bilateral pleural effusions, {severity} in size.",
+                        "{Severity} bilateral effusions.",
+                        "There is bilateral pleural fluid, {severity} in amount.",
+                        "Bilateral {severity} pleural effusions are seen.")
 _MANY_NODULES = ("Multiple pulmonary nodules, the largest measuring {size} mm in the {loc}.",
-                 "There are {n} nodules, the largest in the {loc} measuring {size} mm.")
-_NODULE_ADJ = ("", "solid ", "noncalcified ", "well-circumscribed ", "round ")
+                 "There are {n} nodules, the largest in the {loc} measuring {size} mm.",
+                 "{N} pulmonary nodules; the largest, in the {loc}, measures {size} mm.",
+                 "Several nodules, up to {size} mm in the {loc}.")
+_NUMBERS = {2: "two", 3: "three"}
+_NODULE_ADJ = ("", "", "solid ", "noncalcified ", "well-circumscribed ", "round ")
 _NEGATIVE = {
     NODULE: ("No pulmonary nodules.", "No suspicious pulmonary nodule is seen.",
-             "There is no nodule or mass."),
+             "There is no nodule or mass.", "No nodules.", "No pulmonary nodule or mass.",
+             "There are no pulmonary nodules."),
     CONSOLIDATION: ("No focal consolidation.", "There is no consolidation.",
-                    "No airspace consolidation is seen."),
-    GROUND_GLASS: ("No ground-glass opacity.", "There are no ground-glass opacities."),
+                    "No airspace consolidation is seen.", "No consolidation.",
+                    "There is no focal airspace consolidation."),
+    GROUND_GLASS: ("No ground-glass opacity.", "There are no ground-glass opacities.",
+                   "No ground glass opacities are seen.", "No ground-glass opacification."),
     EFFUSION: ("No pleural effusion.", "There is no pleural effusion.",
-               "No pleural effusion is seen."),
+               "No pleural effusion is seen.", "No pleural fluid.", "No effusion.",
+               "There is no pleural fluid."),
     CARDIOMEGALY: ("Heart size is normal.", "The cardiac silhouette is within normal limits.",
-                   "Normal heart size."),
+                   "Normal heart size.", "No cardiomegaly.", "Heart size is within normal limits.",
+                   "The heart is normal in size."),
 }
-_ALWAYS = ("No pneumothorax.", "The mediastinal contours are unremarkable.",
-           "The osseous structures are intact.", "The trachea is midline.",
-           "The central airways are patent.")
+# Absent findings negated together ("No consolidation or pleural effusion.").
+_NEGATED_NOUN = {NODULE: ("pulmonary nodule", "nodule"),
+                 CONSOLIDATION: ("focal consolidation", "consolidation"),
+                 GROUND_GLASS: ("ground-glass opacity", "ground-glass opacities"),
+                 EFFUSION: ("pleural effusion", "effusion"), CARDIOMEGALY: ("cardiomegaly",)}
+_NEGATED_LIST = ("No {items}.", "There is no {items}.", "No evidence of {items}.")
+# Normal statements on structures without a label; the clear-lung ones only in normal cases.
+_OTHER = ("No pneumothorax.", "The mediastinum is unremarkable.", "Osseous structures intact.",
+          "The trachea is midline.", "The central airways are patent.", "No lymphadenopathy.",
+          "No acute osseous abnormality.", "The upper abdomen is unremarkable.")
 _CLEAR = ("The lungs are clear.", "No acute cardiopulmonary abnormality.",
-          "No acute intrathoracic process.")
-NEGATION_PROBABILITY = 0.7  # an absent finding is stated as absent this often
+          "No acute intrathoracic process.", "Clear lungs.")
+# An absent finding is stated as absent this often: radiology reports name only some pertinent
+# negatives, and report labellers (CheXpert: positive / negative / uncertain / not mentioned)
+# treat the rest as not mentioned. At 0.7 most reports were lists of negations.
+NEGATION_PROBABILITY = 0.35
+COMBINED_NEGATION = 0.5  # two or more negations share one sentence this often
 MIN_SENTENCES = 3  # MGCA report cleaning keeps reports with >= 3 sentences
+# Sentence order: findings first (positives, then negations); by anatomy (lungs, pleura,
+# heart, then the rest), positives and negations mixed; or shuffled.
+_ORDERS = ("findings first", "anatomical", "shuffled")
+_REGION = {NODULE: 0, CONSOLIDATION: 0, GROUND_GLASS: 0, EFFUSION: 1, CARDIOMEGALY: 2}
 
 
 def _bin(value, bins):
@@ -564,42 +669,78 @@ def _capitalised(text):
 
 
 def _fill(rng, templates, **fields):
+    """A template drawn from `templates`, filled; {Key} is {key} capitalised. A location {loc}
+    given as a function of the template (`_positive`) is called with it."""
+    template = str(rng.choice(templates))
+    if callable(fields.get("loc")):
+        fields["loc"] = fields["loc"](template)
     fields.update({_capitalised(k): _capitalised(str(v)) for k, v in fields.items()})
-    return str(rng.choice(templates)).format(**fields)
+    return template.format(**fields)
 
 
 def _positive(rng, kind, group, modality):
     """One sentence stating the findings of one kind (group: kept findings of that kind)."""
-    where = str(rng.choice(_LOCATION[modality]))
+    forms = _LOCATION[modality]
+    form = str(rng.choice(forms))
+
+    def loc(members):  # a sentence that opens with the location takes the short form
+        return lambda template: " and the ".join(dict.fromkeys(
+            _location(forms[0] if template.startswith("{Loc}") else form, f) for f in members))
+
     if kind == NODULE:
         big = max(group, key=lambda f: f.size_mm)
-        fields = dict(size=max(int(round(big.size_mm)), 1), loc=_location(where, big))
+        fields = dict(size=max(int(round(big.size_mm)), 1), loc=loc([big]))
         if len(group) > 1:
-            return _fill(rng, _MANY_NODULES, n=len(group), **fields)
+            return _fill(rng, _MANY_NODULES, n=_NUMBERS.get(len(group), len(group)), **fields)
         return _fill(rng, _POSITIVE[NODULE], adj=str(rng.choice(_NODULE_ADJ)), **fields)
     if kind == EFFUSION:
         sides = sorted({f.side for f in group})
-        side, effusion = (sides[0], "effusion") if len(sides) == 1 else ("bilateral", "effusions")
         severity = max((f.severity for f in group), key=list(EFFUSION_THICKNESS).index)
-        return _fill(rng, _POSITIVE[EFFUSION], side=side, severity=severity, effusion=effusion)
+        if len(sides) > 1:
+            return _fill(rng, _BILATERAL_EFFUSIONS, severity=severity)
+        return _fill(rng, _POSITIVE[EFFUSION], side=sides[0], severity=severity)
     if kind == CARDIOMEGALY:
         return _fill(rng, _POSITIVE[CARDIOMEGALY], severity=group[0].severity)
-    locations = list(dict.fromkeys(_location(where, f) for f in group))
-    return _fill(rng, _POSITIVE[kind], loc=" and the ".join(locations))
+    templates = _POSITIVE[kind]
+    if len({_location(form, f) for f in group}) > 1:  # "in the A and the B"
+        templates = [t for t in templates if "the {loc}" in t]
+    return _fill(rng, templates, loc=loc(group))
+
+
+def _negations(rng, absent):
+    """(kind, sentence) pairs negating the `absent` kinds; two or more share one sentence
+    COMBINED_NEGATION of the time."""
+    if len(absent) >= 2 and rng.random() < COMBINED_NEGATION:
+        nouns = [str(rng.choice(_NEGATED_NOUN[k])) for k in absent]
+        items = ", ".join(nouns[:-1]) + " or " + nouns[-1]
+        return [(absent[0], str(rng.choice(_NEGATED_LIST)).format(items=items))]
+    return [(k, str(rng.choice(_NEGATIVE[k]))) for k in absent]
 
 
 def make_report(rng, findings, modality):
     """Report text: the findings, negations of some absent ones, and normal statements."""
-    positives = [_positive(rng, kind, [f for f in findings if f.kind == kind], modality)
-                 for kind in range(len(LABEL_NAMES)) if any(f.kind == kind for f in findings)]
-    rng.shuffle(positives)
-    absent = [k for k in range(len(LABEL_NAMES)) if not any(f.kind == k for f in findings)]
-    negatives = [str(rng.choice(_NEGATIVE[k])) for k in absent
-                 if rng.random() < NEGATION_PROBABILITY]
-    normal = list(_ALWAYS) + (list(_CLEAR) if not findings else [])
+    kinds = [k for k in range(len(LABEL_NAMES)) if any(f.kind == k for f in findings)]
+    stated = [(k, _positive(rng, k, [f for f in findings if f.kind == k], modality))
+              for k in kinds]
+    rng.shuffle(stated)
+    absent = [k for k in range(len(LABEL_NAMES))
+              if k not in kinds and rng.random() < NEGATION_PROBABILITY]
+    stated += _negations(rng, [int(k) for k in rng.permutation(absent)])
+    normal = list(_OTHER)
     rng.shuffle(normal)
-    fill = max(MIN_SENTENCES - len(positives) - len(negatives), int(rng.integers(1, 3)))
-    return " ".join(positives + negatives + normal[:fill])
+    if not findings:
+        normal.insert(0, str(rng.choice(_CLEAR)))
+    normal = normal[:max(MIN_SENTENCES - len(stated), int(rng.integers(0, 2)), int(not findings))]
+    order = _ORDERS[int(rng.integers(len(_ORDERS)))]
+    if order == "anatomical":
+        stated.sort(key=lambda pair: _REGION[pair[0]])  # stable: per region, positives first
+    sentences = [sentence for _, sentence in stated]
+    if order == "anatomical" and not findings:  # "The lungs are clear." leads
+        sentences, normal = normal[:1] + sentences, normal[1:]
+    sentences += normal
+    if order == "shuffled":
+        rng.shuffle(sentences)
+    return " ".join(sentences)
 
 
 # ------------------------------------------------------------------------------------ examples
@@ -621,9 +762,9 @@ def _labels(mask):
     return present.astype(np.float32)
 
 
-def _nodule_zones(grid, opts):
-    """Nodule depths: the centres of the slabs of min_finding_slices slices, so a small nodule
-    (depth widened to that many slices by `_ellipsoid`) fills exactly one slab."""
+def _slab_centres(grid, opts):
+    """Depth zones of CT lesions: the centres of the slabs of min_finding_slices slices, so a
+    small nodule (depth widened to that many slices by `_ellipsoid`) fills exactly one slab."""
     m, (z0, dz, n) = opts.min_finding_slices, (grid.origin[0], grid.spacing[0], grid.shape[0])
     centres = z0 + dz * (np.arange(0, n - m + 1, m) + (m - 1) / 2)
     return [(c, c) for c in centres]
@@ -635,9 +776,8 @@ def ct_case(seed: int, index: int, opts: PhantomOptions) -> CTCase:
     present = _choose_findings(rng, opts)
     subject = _sample_subject(rng, present[CARDIOMEGALY])
     grid = _ct_grid(rng, subject, opts.volume_size)
-    window = (grid.origin[0], grid.origin[0] + grid.spacing[0] * (grid.shape[0] - 1))
-    findings = _sample_findings(rng, subject, present, window, _nodule_zones(grid, opts),
-                                opts.lesion_scale)
+    findings = _sample_findings(rng, subject, present, _slab_centres(grid, opts),
+                                opts.lesion_scale, slabs=True)
     tissue, mask, findings = _render(subject, findings, grid, opts.min_finding_slices)
     hu = subject.hu[tissue]
     noise = _rng(seed, index, _CT_NOISE).standard_normal(hu.shape, dtype=np.float32)
@@ -645,9 +785,16 @@ def ct_case(seed: int, index: int, opts: PhantomOptions) -> CTCase:
     return CTCase(volume, hu, tissue, mask, findings, grid)
 
 
+def slice_has_finding(mask: np.ndarray) -> np.ndarray:
+    """uint8 (D,): 1 where slice d of a CT finding mask (D, H, W) holds a LOCAL_FINDINGS class."""
+    local = np.isin(mask, [kind + 1 for kind in LOCAL_FINDINGS])
+    return local.any(axis=(1, 2)).astype(np.uint8)
+
+
 def generate_ct(seed: int, index: int, opts: PhantomOptions) -> dict:
     """CT record (docs/CONTRACTS.md): id, report, labels float32 (5,), volume int16 (D, H, W),
-    mask uint8 (D, H, W), slice_has_finding uint8 (D,)."""
+    mask uint8 (D, H, W), slice_has_finding uint8 (D,) (`slice_has_finding`: the slices of
+    focal findings; an enlarged heart is in `mask` and `labels` only, see LOCAL_FINDINGS)."""
     case = ct_case(seed, index, opts)
     return {
         "id": f"phantom-ct-{seed}-{index}",
@@ -655,7 +802,7 @@ def generate_ct(seed: int, index: int, opts: PhantomOptions) -> dict:
         "labels": _labels(case.mask),
         "volume": case.volume,
         "mask": case.mask,
-        "slice_has_finding": case.mask.any(axis=(1, 2)).astype(np.uint8),
+        "slice_has_finding": slice_has_finding(case.mask),
     }
 
 
@@ -697,9 +844,8 @@ def generate_xray(seed: int, index: int, opts: PhantomOptions) -> dict:
         present = _choose_findings(rng, opts)
         subject = _sample_subject(rng, present[CARDIOMEGALY])
         grid = _xray_grid(rng, subject, opts.xray_render_size, opts.xray_depth_samples)
-        lung_depth = (0.0, subject.length)
-        findings = _sample_findings(rng, subject, present, lung_depth, [lung_depth],
-                                    opts.lesion_scale)
+        findings = _sample_findings(rng, subject, present, [(0.0, subject.length)],
+                                    opts.lesion_scale, slabs=False)
         tissue, mask3d, findings = _render(subject, findings, grid, 1)
         mu = drr_lib.hu_to_mu(subject.hu, xp=np)[tissue]
         modality, name = "xray", "xray"
