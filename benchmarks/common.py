@@ -85,7 +85,8 @@ def preset_config(name: str):
                                 patch_size_3d=(2, 8, 8), image_size=16, volume_size=(8, 16, 16))
         config.data.xray.update(stored_size=16, crop_size=16)
         config.data.ct.update(stored_size=(8, 16, 16), crop_size=(8, 16, 16))
-        config.model.text.update(checkpoint=write_text_config(TINY_BERT), max_length=8)
+        config.model.text.update(checkpoint=write_text_config(TINY_BERT), max_length=8,
+                                 num_layers=0, trainable_layers=1)  # both layers, one trained
         config.model.proj_dim = 16
         config.model.dino.update(hidden_dim=32, bottleneck_dim=16, out_dim=64)
         config.objective.selection.k = 2

@@ -178,6 +178,7 @@ def test_evaluate_planted(monkeypatch):
     config.data.ct.crop_size = (DEPTH, SIDE, SIDE)
     config.objective.selection.k = 2
     config.eval.update(max_examples=13, batch_size=4)  # 13 = 3 full batches + 1 padded
+    config.eval.prompts = {}  # two planted labels, no finding names: no zero-shot
     val, train = _records(20, 0), _records(12, 1)
     monkeypatch.setattr(pretrain_eval.UniMedI, "from_config", lambda c: FakeModel())
     got = pretrain_eval.evaluate({"scale": jnp.float32(2.0)}, config, val, None, train)

@@ -169,10 +169,11 @@ def test_resize_pos_embed_matches_jax(src, dst):
 
 def test_torch_heads_match_encoder(torch_vit, out, run, enc, data):
     images, _ = data
-    hidden, _, _ = _hf_text(out / "text", run[0], TEXTS)
+    hidden, _, tokens = _hf_text(out / "text", run[0], TEXTS)
+    assert torch_vit.text_pooling == run[0].model.text.pooling
     with torch.no_grad():
         img = torch_vit.embed(images=_t(images))
-        txt = torch_vit.embed_text(_t(hidden[:, 0]))
+        txt = torch_vit.embed_text(torch_vit.pool_text(_t(hidden), _t(tokens["attention_mask"])))
         sim = torch_vit.similarity(img, txt).numpy()
         assert float(torch_vit.logit_scale.exp()) == pytest.approx(20.0, rel=1e-6)
     np.testing.assert_allclose(img.numpy(), enc.embed_xray(images), atol=ATOL, rtol=0)

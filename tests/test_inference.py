@@ -120,7 +120,13 @@ def test_matches_direct_model_calls(run, enc, inputs):
         texts, max_length=MAX_LENGTH, padding="max_length", truncation=True, return_tensors="np")
     hidden = jax.jit(model.text.apply)({"params": params["text"]}, tok["input_ids"],
                               tok["attention_mask"])["last_hidden_state"]
-    ref = _unit(np.asarray(hidden[:, 0], np.float64) @ params["txt_proj"]["proj"]["kernel"])
+    hidden = np.asarray(hidden, np.float64)
+    if config.model.text.pooling == "mean":  # the mean over the attended tokens
+        mask = tok["attention_mask"][..., None].astype(np.float64)
+        feature = (hidden * mask).sum(1) / mask.sum(1)
+    else:
+        feature = hidden[:, 0]
+    ref = _unit(feature @ params["txt_proj"]["proj"]["kernel"])
     got = enc.encode_report(texts)
     np.testing.assert_allclose(got, ref, atol=1e-5)
 

@@ -79,7 +79,9 @@ def export_config(config, model: UniMedI, source: dict) -> dict:
             "max_length": int(config.model.text.max_length),
             "hidden_size": model.text.config.hidden_size,
             "num_layers": model.text.config.num_hidden_layers,
-            "pooling": "cls",  # the report embedding is the final [CLS] state
+            # the report feature: the final [CLS] state ("cls") or the mean of the final states
+            # over the attended tokens ("mean"), as `UniMedI.encode_text`
+            "pooling": model.text_pooling,
             "folder": TEXT_DIR,
         },
         "heads": {"proj_dim": int(config.model.proj_dim), "normalize": "l2"},

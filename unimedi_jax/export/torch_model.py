@@ -93,7 +93,7 @@ class UniMedIVisionTorch(VisionTransformer):
     bias-free, and `logit_scale` (log of the similarity multiplier).
     """
 
-    def __init__(self, vision: dict, text_width: int, proj_dim: int):
+    def __init__(self, vision: dict, text_width: int, proj_dim: int, text_pooling: str = "cls"):
         mlp_ratio = vision["mlp_ratio"]
         super().__init__(
             img_size=vision["img_size"], patch_size=vision["patch_size"],
@@ -109,6 +109,9 @@ class UniMedIVisionTorch(VisionTransformer):
         self.img_proj = nn.Linear(width, proj_dim, bias=False)
         self.txt_proj = nn.Linear(text_width, proj_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.zeros(()))
+        if text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text pooling {text_pooling!r}: expected 'cls' or 'mean'")
+        self.text_pooling = text_pooling
 
     @classmethod
     def from_export(cls, folder: str | Path) -> UniMedIVisionTorch:
@@ -119,7 +122,8 @@ class UniMedIVisionTorch(VisionTransformer):
             raise FileNotFoundError(f"{config_path} not found: {folder} is not a unimedi_jax "
                                     "export (python -m unimedi_jax.export writes one)")
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        model = cls(config["vision"], config["text"]["hidden_size"], config["heads"]["proj_dim"])
+        model = cls(config["vision"], config["text"]["hidden_size"], config["heads"]["proj_dim"],
+                    config["text"].get("pooling", "cls"))  # exports before the key: [CLS]
         state = {k: v for k, v in load_file(folder / export_lib.VISION_FILE).items()
                  if k not in UNUSED_KEYS}
         state.update(load_file(folder / export_lib.HEADS_FILE))
@@ -162,9 +166,19 @@ class UniMedIVisionTorch(VisionTransformer):
         """Projected, L2-normalised image embeddings (B, proj_dim)."""
         return F.normalize(self.img_proj(self(volume, images)), dim=-1, eps=L2_EPS)
 
-    def embed_text(self, text_cls: torch.Tensor) -> torch.Tensor:
-        """BERT [CLS] states (B, text width) -> projected, L2-normalised (B, proj_dim)."""
-        return F.normalize(self.txt_proj(text_cls), dim=-1, eps=L2_EPS)
+    def pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The report feature (B, text width) of BERT's final states (B, T, text width) and the
+        attention mask (B, T): the [CLS] state, or the mean over attended tokens (the export's
+        `text.pooling`)."""
+        if self.text_pooling == "cls":
+            return hidden[:, 0]
+        w = attention_mask[..., None].to(hidden.dtype)
+        return (hidden * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+    def embed_text(self, text_feature: torch.Tensor) -> torch.Tensor:
+        """Report features (B, text width) from `pool_text` -> projected, L2-normalised
+        (B, proj_dim)."""
+        return F.normalize(self.txt_proj(text_feature), dim=-1, eps=L2_EPS)
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """exp(logit_scale) * cosine similarity: (B, P) for (B, E) and (P, E)."""

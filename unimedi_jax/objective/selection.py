@@ -30,12 +30,13 @@ def slice_scores(cls_attn: Array, grid: Sequence[int]) -> Array:
 def volume_slab_scores(out: dict, layers: int = 0) -> Array:
     """Eq. 1-2 slab scores (B, d) of a ViT output on a volume alone (`vit.ViT` out dict): the CLS
     attention averaged over all layers (layers=0, the paper) or over the last `layers` only."""
+    if layers == 0:
+        return slice_scores(out["cls_attn"], out["grid_3d"])
     stack = out["cls_attn_layers"]
-    if not 0 <= layers <= stack.shape[0]:
+    if not 0 < layers <= stack.shape[0]:
         raise ValueError(f"objective.selection.layers={layers} is outside 0..{stack.shape[0]} "
                          "(0 = all layers)")
-    attn = out["cls_attn"] if layers == 0 else stack[-layers:].mean(axis=0)
-    return slice_scores(attn, out["grid_3d"])
+    return slice_scores(stack[-layers:].mean(axis=0), out["grid_3d"])
 
 
 def random_scores(rng: Array, shape: Sequence[int]) -> Array:
