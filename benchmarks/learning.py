@@ -197,17 +197,9 @@ def initial_params(cfg) -> dict:
 def supervised_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW of config.optim as pretraining uses it (`optim.make_optimizer` without its text
     and logit-scale freezing): clipping, warm-up + cosine schedule, decay mask."""
-    from unimedi_jax.objective import optim, schedules
+    from unimedi_jax.objective import optim
 
-    o = cfg.optim
-    clip = {"per_parameter": optim.clip_per_parameter, "global": optax.clip_by_global_norm}
-    if o.grad_clip_mode not in clip:
-        raise ValueError(f"config.optim.grad_clip_mode={o.grad_clip_mode!r}; choose one of "
-                         f"{sorted(clip)}")
-    chain = [clip[o.grad_clip_mode](o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
-    chain.append(optax.adamw(schedules.learning_rate(o, cfg.total_steps), b1=o.b1, b2=o.b2,
-                             weight_decay=o.weight_decay, mask=optim.decay_mask))
-    return optax.chain(*chain)
+    return optim.adamw_chain(cfg)
 
 
 def supervised_loss_fn(vit, heads: dict):
@@ -689,14 +681,6 @@ def format_targets(ladder: dict) -> str:
     return "\n".join(rows)
 
 
-def _disable_cache_for_cpu_collectives() -> None:
-    # As unimedi_jax.main.compile_cpu_collectives_afresh (that module defines the same flags):
-    # XLA:CPU programs with collectives loaded from the persistent cache can deadlock.
-    if (jax.default_backend() == "cpu" and jax.device_count() > 1
-            and jax.config.jax_enable_compilation_cache):
-        jax.config.update("jax_enable_compilation_cache", False)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -709,7 +693,8 @@ def main(argv):
                           _PROBE_EPOCHS.value)
     except ValueError as error:
         raise app.UsageError(str(error))
-    _disable_cache_for_cpu_collectives()
+    from unimedi_jax.train import sharding
+    sharding.compile_cpu_collectives_afresh()
     start = time.perf_counter()
     ladder = run_ladder(_CONFIG.value, arms, seeds, probing, _WORKDIR.value)
     print(Path(_WORKDIR.value, "ladder.md").expanduser().read_text())

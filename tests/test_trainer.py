@@ -166,7 +166,7 @@ def test_two_processes_on_localhost(tmp_path, data_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # The session's persistent compilation cache stays set, as a user's may be: multi-process CPU
-    # runs must not load executables from it (see `main.compile_cpu_collectives_afresh`).
+    # runs must not load executables from it (see `train.sharding.compile_cpu_collectives_afresh`).
     env = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2"),
            "PYTHONFAULTHANDLER": "1"}
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]

@@ -51,31 +51,14 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
                                num_processes=num_processes, process_id=process_id)
 
 
-def compile_cpu_collectives_afresh():
-    """Turns the persistent compilation cache off when CPU programs have collectives (more than
-    one device, simulated or in other processes); call before anything is compiled.
-
-    An XLA:CPU executable loaded from that cache loses the ordering between the collectives
-    inside a nested computation (e.g. the all-gathers in the conditional that the gradient of
-    `jnp.diagonal` becomes) and the main sequence's collectives, so devices may start them in
-    different orders and deadlock (gloo across processes, the in-process rendezvous across
-    simulated devices). Compiled afresh, all collectives run in program order.
-    """
-    import jax
-    if (jax.default_backend() == "cpu" and jax.device_count() > 1
-            and jax.config.jax_enable_compilation_cache):
-        jax.config.update("jax_enable_compilation_cache", False)
-        logging.info("CPU run on %d devices: persistent compilation cache off",
-                     jax.device_count())
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    compile_cpu_collectives_afresh()
+    from unimedi_jax.train import sharding
+    sharding.compile_cpu_collectives_afresh()
     run(_CONFIG.value, _WORKDIR.value)
 
 

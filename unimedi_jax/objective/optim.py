@@ -71,13 +71,10 @@ def clip_per_parameter(max_norm: float) -> optax.GradientTransformation:
     return optax.stateless(lambda updates, params=None: jax.tree.map(scale, updates))
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW (config.optim) on the trainable leaves, zero updates on the frozen ones.
-
-    Clipping (optim.grad_clip_norm, off when 0; optim.grad_clip_mode "per_parameter" as DINO or
-    "global") runs over the trainable gradients; the learning rate follows
-    `schedules.learning_rate` over config.total_steps.
-    """
+def adamw_chain(config) -> optax.GradientTransformation:
+    """Clipping (optim.grad_clip_norm, off when 0; optim.grad_clip_mode "per_parameter" as DINO
+    or "global") then AdamW with `schedules.learning_rate` over config.total_steps and no decay
+    where `decay_mask` says, for every leaf it is given."""
     o = config.optim
     clip = {"per_parameter": clip_per_parameter, "global": optax.clip_by_global_norm}
     if o.grad_clip_mode not in clip:
@@ -85,7 +82,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
     chain = [clip[o.grad_clip_mode](o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     chain.append(optax.adamw(schedules.learning_rate(o, config.total_steps), b1=o.b1, b2=o.b2,
                              weight_decay=o.weight_decay, mask=decay_mask))
+    return optax.chain(*chain)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW (config.optim) on the trainable leaves, zero updates on the frozen ones.
+
+    Clipping (optim.grad_clip_norm, off when 0; optim.grad_clip_mode "per_parameter" as DINO or
+    "global") runs over the trainable gradients; the learning rate follows
+    `schedules.learning_rate` over config.total_steps.
+    """
     labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
                                          trainable_mask(params, config))
-    return optax.multi_transform({"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
+    return optax.multi_transform({"train": adamw_chain(config), "frozen": optax.set_to_zero()},
                                  labels)

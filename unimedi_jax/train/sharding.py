@@ -12,6 +12,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+from absl import logging
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -88,3 +89,20 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
     """Host-local numpy batch -> global arrays split over the batch axes (multi-process safe)."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def compile_cpu_collectives_afresh():
+    """Turns the persistent compilation cache off when CPU programs have collectives (more than
+    one device, simulated or in other processes); call before anything is compiled.
+
+    An XLA:CPU executable loaded from that cache loses the ordering between the collectives
+    inside a nested computation (e.g. the all-gathers in the conditional that the gradient of
+    `jnp.diagonal` becomes) and the main sequence's collectives, so devices may start them in
+    different orders and deadlock (gloo across processes, the in-process rendezvous across
+    simulated devices). Compiled afresh, all collectives run in program order.
+    """
+    if (jax.default_backend() == "cpu" and jax.device_count() > 1
+            and jax.config.jax_enable_compilation_cache):
+        jax.config.update("jax_enable_compilation_cache", False)
+        logging.info("CPU run on %d devices: persistent compilation cache off",
+                     jax.device_count())
