@@ -90,21 +90,6 @@ ARM_RESULTS = "ladder_arm.json"
 TARGET_ARM = "unimedi"
 SUPERVISED_GOOD = 0.8  # labels the supervised probe reaches this AUROC on enter the targets
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(ROOT / "configs" / "pretrain.py"), "Pretraining config file (PATH[:arg]).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (one subfolder per arm and seed).")
-_ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, in order: {', '.join(ARMS)} "
-                          f"(aliases {', '.join(f'{a}={c}' for a, c in ALIASES.items())}).")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) to run every arm with.")
-_FRACTIONS = flags.DEFINE_list("fractions", ["1.0", "0.1"],
-                               "Label fractions of the linear probes' training split.")
-_PROBE_LR = flags.DEFINE_float("probe_lr", 0.0, "Linear-probe learning rate; 0: the probe "
-                               "configs' (configs/linear_probe_2d.py, _3d.py).")
-_PROBE_EPOCHS = flags.DEFINE_integer("probe_max_epochs", 0, "Linear-probe epochs at most (early "
-                                     "stopping on the validation loss); 0: the probe configs'.")
-
-
 @dataclasses.dataclass(frozen=True)
 class Probing:
     """How the arms are probed: label fractions (descending), and optimiser overrides of the
@@ -681,30 +666,58 @@ def format_targets(ladder: dict) -> str:
     return "\n".join(rows)
 
 
+def define_flags() -> dict[str, flags.FlagHolder]:
+    """The command line's flags; defined when run as a script only, so that importing this module
+    (the tests do) leaves the process's flags alone."""
+    aliases = ", ".join(f"{a}={c}" for a, c in ALIASES.items())
+    return dict(
+        config=config_flags.DEFINE_config_file(
+            "config", str(ROOT / "configs" / "pretrain.py"),
+            "Pretraining config file (PATH[:arg]).", lock_config=True),
+        workdir=flags.DEFINE_string(
+            "workdir", None, "Output folder (one subfolder per arm and seed)."),
+        arms=flags.DEFINE_list(
+            "arms", list(ARMS), f"Arms to run, in order: {', '.join(ARMS)} (aliases {aliases})."),
+        seeds=flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) to run every arm with."),
+        fractions=flags.DEFINE_list(
+            "fractions", ["1.0", "0.1"], "Label fractions of the linear probes' training split."),
+        probe_lr=flags.DEFINE_float(
+            "probe_lr", 0.0, "Linear-probe learning rate; 0: the probe configs' "
+            "(configs/linear_probe_2d.py, _3d.py)."),
+        probe_epochs=flags.DEFINE_integer(
+            "probe_max_epochs", 0, "Linear-probe epochs at most (early stopping on the validation "
+            "loss); 0: the probe configs'."))
+
+
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     try:
-        arms = [a.strip() for a in _ARMS.value]
+        arms = [a.strip() for a in _FLAGS["arms"].value]
         resolve_arms(arms)
-        seeds = parse_seeds(_SEEDS.value)
-        probing = Probing(tuple(parse_fractions(_FRACTIONS.value)), _PROBE_LR.value,
-                          _PROBE_EPOCHS.value)
+        seeds = parse_seeds(_FLAGS["seeds"].value)
+        probing = Probing(tuple(parse_fractions(_FLAGS["fractions"].value)),
+                          _FLAGS["probe_lr"].value, _FLAGS["probe_epochs"].value)
     except ValueError as error:
         raise app.UsageError(str(error))
     from unimedi_jax.train import sharding
     sharding.compile_cpu_collectives_afresh()
     start = time.perf_counter()
-    ladder = run_ladder(_CONFIG.value, arms, seeds, probing, _WORKDIR.value)
-    print(Path(_WORKDIR.value, "ladder.md").expanduser().read_text())
+    workdir = _FLAGS["workdir"].value
+    ladder = run_ladder(_FLAGS["config"].value, arms, seeds, probing, workdir)
+    print(Path(workdir, "ladder.md").expanduser().read_text())
     print(format_targets(ladder))
     print(f"ladder: {len(ladder['arms'])} arm(s) x {len(seeds)} seed(s) in "
-          f"{time.perf_counter() - start:.0f} s; {os.path.abspath(_WORKDIR.value)}/ladder.json",
+          f"{time.perf_counter() - start:.0f} s; {os.path.abspath(workdir)}/ladder.json",
           flush=True)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))  # configs/ (the probe settings) whatever the working directory
+    _FLAGS.update(define_flags())
     flags.mark_flags_as_required(["workdir"])
     app.run(main)
