@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.init_from = ""                    # a pretraining workdir to start from (downstream tasks)
     c.mesh = [("data", -1), ("fsdp", 1)]  # (axis, size); -1 = all remaining devices
     c.on_nonfinite = "stop"             # "stop" | "skip" the update when loss/grads are not finite
-    c.epochs = 0                        # informational at this scale (procedural data)
+    c.epochs = 0                        # informational at this scale
     c.warmup_epochs = 0
     c.steps_per_epoch = 0
 
@@ -59,6 +59,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                         #   train; -1: all, embeddings too)
         dtype="float32",                # compute dtype; "bfloat16" on accelerators
         pooling="mean",                 # "cls" | "mean": all-MiniLM-L6-v2 is trained mean-pooled
+        cache_locked=True,              # DESIGN §3: a locked tower (trainable_layers=0) on
+                                        #   stored records runs once per distinct report, not
+                                        #   in every step (train/report_cache.py)
         max_length=ml_collections.FieldReference(64),  # CPU: phantom reports fit 64 tokens
     ))                                  #   (paper/DESIGN: 112)
     c.model.proj_dim = 128              # CPU (paper scale: 256, DESIGN)
@@ -116,7 +119,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "phantom"
     c.data.data_dir = "~/.cache/unimedi_jax/data"  # built here on first use
-    c.data.procedural = True            # DESIGN §6: unlimited generated training pairs
+    c.data.procedural = False           # DESIGN §6: the stored training split (the locked text
+                                        #   tower then runs once per report); True: unlimited
+                                        #   pairs generated in the training process
     # Stored phantom splits (data_prep/phantom.py defaults) serve evaluation and the slab-position
     # prior; `options` go to the dataset's builder (e.g. num_validation=..., manifest=PATH).
     c.data.xray = ml_collections.ConfigDict(dict(

@@ -48,6 +48,10 @@ ON_NONFINITE = ("stop", "skip")
 # "findings" (every report in the batch with the image's label set is a positive: soft targets
 # as MedCLIP, so reports that say the same are not pushed apart as negatives)
 CLIP_TARGETS = ("pairs", "findings")
+# Optional sub-batch key: report features (B, text width) float32 of the locked text tower,
+# computed once per report outside the step (`train.report_cache`); the step then skips the
+# tower and projects these.
+TEXT_FEATURES = "text_features"
 
 
 def logit_scale(params: dict, clip_cfg) -> Array:
@@ -133,7 +137,9 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
     params: student params (see `models.unimedi`); teacher: {"vision", "dino_head"};
     centers: {"cls": (K,), "patch": (K,)}; batch: "xray" {image (B2, S, S), input_ids,
     attention_mask} and/or "ct" {volume (B3, D, H, W), input_ids, attention_mask} (docs/
-    CONTRACTS.md; other keys are ignored); rng: a key for this step; step: int scalar.
+    CONTRACTS.md; other keys are ignored), each optionally with TEXT_FEATURES (all sub-batches
+    or none: the locked tower's report features replace running it); rng: a key for this step;
+    step: int scalar.
     Returns (loss, grads with the structure of params, metrics, new centers). The teacher is not
     an argument of the differentiated function: it gets no gradient.
     """
@@ -146,6 +152,15 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
     if len(lengths) != 1:
         raise ValueError(f"input_ids lengths differ between sub-batches {kinds}: {sorted(lengths)} "
                          f"(tokenise both to model.text.max_length)")
+
+    cached = [TEXT_FEATURES in batch[k] for k in kinds]
+    if any(cached) and not all(cached):
+        raise ValueError(f"{TEXT_FEATURES!r} is in some sub-batches of {kinds} only: give it "
+                         "for all or none")
+    if all(cached) and config.model.text.trainable_layers != 0:
+        raise ValueError(f"{TEXT_FEATURES!r} replaces the text tower, which trains "
+                         f"(model.text.trainable_layers={config.model.text.trainable_layers}); "
+                         "precomputed report features need a locked tower (0)")
 
     metrics, targets, inputs = {}, {}, {}
     for i, kind in enumerate(kinds):
@@ -178,9 +193,13 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
 
     def loss_fn(p):
         p = _stop_frozen(p, config)
-        ids = jnp.concatenate([batch[k]["input_ids"] for k in kinds], axis=0)
-        att = jnp.concatenate([batch[k]["attention_mask"] for k in kinds], axis=0)
-        z_txt = model.project_text(p, model.encode_text(p, ids, att))
+        if all(cached):
+            reports = jnp.concatenate([batch[k][TEXT_FEATURES] for k in kinds], axis=0)
+        else:
+            ids = jnp.concatenate([batch[k]["input_ids"] for k in kinds], axis=0)
+            att = jnp.concatenate([batch[k]["attention_mask"] for k in kinds], axis=0)
+            reports = model.encode_text(p, ids, att)
+        z_txt = model.project_text(p, reports)
         encoded = {k: model.encode_image(p, **inputs[k]) for k in kinds}
         z_img = jnp.concatenate([model.project_image(p, encoded[k][0]) for k in kinds], axis=0)
         scale = logit_scale(p, obj.clip)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from unimedi_jax.train import checkpoint as ckpt_lib
+from unimedi_jax.train import report_cache
 from unimedi_jax.train import sharding as shd
 from unimedi_jax.train import validation
 from unimedi_jax.train import writers
@@ -173,7 +174,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                 data.val_xray, data.train_ct)
 
     summary_init = _initial_eval(workdir, start, state, evaluate, writer)
-    prefetch = Prefetcher(train_iter, lambda b: shd.put_batch(b, mesh), config.data.prefetch)
+    # The locked text tower's features of every training report, once (from the state's text
+    # params, so a resumed run uses what it trained with).
+    cache = report_cache.for_training(config, setup.model, _host(state["params"]["text"]), data)
+    if cache is not None:
+        logging.info("Report cache: %d distinct training reports encoded once", len(cache))
+    attach = cache.attach if cache is not None else (lambda b: b)
+    prefetch = Prefetcher(train_iter, lambda b: shd.put_batch(attach(b), mesh),
+                          config.data.prefetch)
     preemption = _Preemption()
     progress = _progress(config.total_steps, start)
     t0, steps_timed, compile_s = time.time(), 0, None
