@@ -140,6 +140,7 @@ def test_trainer_with_the_cache_trains_as_without(tmp_path, monkeypatch):
         c = pretrain.get_config("test")
         c.data.data_dir = str(tmp_path / "data")
         c.model.text.update(trainable_layers=0, cache_locked=cache)
+        c.data.procedural = False
         c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 4, 1, 4
         c.eval_at_end = False
         assert report_cache.enabled(c) == cache
