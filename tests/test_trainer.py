@@ -214,6 +214,32 @@ def test_nan_in_data_stops_the_run_before_a_checkpoint(tmp_path, data_dir, monke
     assert checkpoint.Checkpointer(str(tmp_path)).latest_step() is None
 
 
+def test_metrics_reach_the_host_only_at_log_and_checkpoint_steps(tmp_path, data_dir,
+                                                                 monkeypatch):
+    """Between log steps the loop reads one device scalar (`finite`) per step, not the metrics."""
+    fetched = []
+    host = trainer._host
+    monkeypatch.setattr(trainer, "_host", lambda tree: fetched.append(
+        isinstance(tree, dict) and "loss" in tree) or host(tree))
+    c = _config(data_dir, eval_at_end=False)
+    c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 6, 3, 6
+    trainer.train_and_evaluate(c, str(tmp_path))
+    assert sum(fetched) == 3  # steps 3 and 6 (log) and 6 (checkpoint)
+
+
+def test_sigterm_before_the_first_step_stops_without_a_checkpoint(tmp_path, data_dir,
+                                                                  monkeypatch):
+    init = trainer._Preemption.__init__
+
+    def requested(self):
+        init(self)
+        self.requested = True
+
+    monkeypatch.setattr(trainer._Preemption, "__init__", requested)
+    assert trainer.train_and_evaluate(_config(data_dir), str(tmp_path)) == {}
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() is None
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("model.vit.image_size", 60, r"config.model.vit.image_size=60 is not divisible"),
     ("data.ct.crop_size", (8, 30, 32), r"config.data.ct.crop_size=\(8, 30, 32\) is not divis"),

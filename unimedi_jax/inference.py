@@ -30,7 +30,7 @@ import numpy as np
 
 from unimedi_jax.data import text as text_lib
 from unimedi_jax.models import bert
-from unimedi_jax.models.heads import L2_EPS
+from unimedi_jax.models.layers import l2_normalize
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective import selection
 from unimedi_jax.objective.step import logit_scale
@@ -79,11 +79,6 @@ def load(workdir_or_checkpoint: str | os.PathLike, step: int | None = None,
     return Encoder.from_params(config, params, batch_size)
 
 
-def _l2_normalize(x: Array) -> Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_EPS)
-
-
 # Jitted bodies; `model` (a hashable UniMedI) is static, so encoders of one model share compiles.
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("k", "mode", "layers"))
@@ -112,13 +107,13 @@ def _image_cls(model: UniMedI, params: dict, x: Array, *, slices: int, mode: str
 
 @functools.partial(jax.jit, static_argnums=0)
 def _image_embedding(model: UniMedI, params: dict, cls: Array) -> Array:
-    return _l2_normalize(model.project_image(params, cls))
+    return l2_normalize(model.project_image(params, cls))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _text_embedding(model: UniMedI, params: dict, input_ids: Array, attention_mask: Array
                     ) -> Array:
-    return _l2_normalize(model.project_text(params, model.encode_text(params, input_ids,
+    return l2_normalize(model.project_text(params, model.encode_text(params, input_ids,
                                                                       attention_mask)))
 
 
@@ -243,8 +238,7 @@ class Encoder:
 
     def similarity(self, image_emb, text_emb) -> np.ndarray:
         """Logit-scaled cosine similarity (B, P) of image (B, E) and text (P, E) embeddings."""
-        a, b = (np.asarray(x, np.float32) for x in (image_emb, text_emb))
-        a, b = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), L2_EPS) for x in (a, b))
+        a, b = (np.asarray(l2_normalize(x)) for x in (image_emb, text_emb))
         return np.float32(self.logit_scale) * a @ b.T
 
     def zero_shot(self, images_or_volumes, prompts: Sequence[str]) -> np.ndarray:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimedi_jax.data import pipeline, text, transforms
+from unimedi_jax.models.layers import l2_normalize
 from unimedi_jax.objective import selection
 
 Batch = dict[str, np.ndarray]
@@ -147,10 +148,6 @@ def backbone_features(vit, modality: str) -> Callable[[Any, Batch], dict]:
     return fn
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 def slab_scores(model, params: dict, volume: jax.Array, layers: int = 0) -> jax.Array:
     """Eq. 1-2 slab scores (B, d) of the encoder's own CLS attention on the volume alone (all
     layers, or the last `layers`: `selection.volume_slab_scores`)."""
@@ -181,10 +178,10 @@ def clip_embeddings(model, modality: str, selection_cfg, with_text: bool = True
         else:
             inputs = vit_inputs(batch, modality)
         cls, _ = model.encode_image(params, **inputs)
-        out["image"] = l2_normalize(model.project_image(params, cls).astype(jnp.float32))
+        out["image"] = l2_normalize(model.project_image(params, cls))
         if with_text:
             txt = model.encode_text(params, batch["input_ids"], batch["attention_mask"])
-            out["text"] = l2_normalize(model.project_text(params, txt).astype(jnp.float32))
+            out["text"] = l2_normalize(model.project_text(params, txt))
         return out
 
     return fn
@@ -197,7 +194,6 @@ def text_embeddings(model, tokenizer, texts: Sequence[str], params: dict, max_le
 
     @jax.jit
     def fn(p, ids, mask):
-        return l2_normalize(model.project_text(p, model.encode_text(p, ids, mask)).astype(
-            jnp.float32))
+        return l2_normalize(model.project_text(p, model.encode_text(p, ids, mask)))
 
     return np.asarray(fn(params, tokens["input_ids"], tokens["attention_mask"]))

@@ -16,8 +16,6 @@ Array = jax.Array
 DINO_INIT_STD = 0.02
 # torch.nn.Linear's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), used by DINO's last layer.
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-# torch.nn.functional.normalize epsilon.
-L2_EPS = 1e-12
 
 
 class Projection(nn.Module):
@@ -52,8 +50,7 @@ class DINOHead(nn.Module):
                     bias_init=nn.initializers.zeros, dtype=self.dtype)
         x = layers.gelu(layers.Dense(self.hidden_dim, name="mlp_0", **init)(x))
         x = layers.gelu(layers.Dense(self.hidden_dim, name="mlp_1", **init)(x))
-        x = layers.Dense(self.bottleneck_dim, name="mlp_2", **init)(x).astype(jnp.float32)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_EPS)
+        x = layers.l2_normalize(layers.Dense(self.bottleneck_dim, name="mlp_2", **init)(x))
         return _WeightNormLinear(self.out_dim, self.norm_last_layer, name="last_layer")(x)
 
 

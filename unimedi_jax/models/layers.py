@@ -27,6 +27,7 @@ BATCH_AXES = ("data", "fsdp")
 ATTENTION_IMPLEMENTATIONS = (None, "einsum", "xla", "cudnn")
 # Logit of a masked key: jax.nn.dot_product_attention's own (-0.7 x the float32 maximum).
 MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+L2_EPS = 1e-12  # torch.nn.functional.normalize's epsilon
 
 
 class Dense(nn.Dense):
@@ -37,6 +38,12 @@ class Dense(nn.Dense):
             return super().__call__(inputs)
         y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
         return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
+def l2_normalize(x: Array, eps: float = L2_EPS) -> Array:
+    """x / max(||x||, eps) along the last axis, in float32 (as torch.nn.functional.normalize)."""
+    x = jnp.asarray(x, jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def gelu(x: Array) -> Array:

@@ -11,12 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from unimedi_jax.models.layers import l2_normalize
+
 Array = jax.Array
-
-
-def _l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def clip_loss(img_emb: Array, txt_emb: Array, logit_scale: Array | float) -> Array:
@@ -26,8 +23,7 @@ def clip_loss(img_emb: Array, txt_emb: Array, logit_scale: Array | float) -> Arr
     the loss is the mean of the image->text and text->image cross-entropies. Plain global-array
     code: jitted over a batch sharded on the mesh, the negatives are the whole global batch.
     """
-    img = _l2_normalize(img_emb.astype(jnp.float32))
-    txt = _l2_normalize(txt_emb.astype(jnp.float32))
+    img, txt = l2_normalize(img_emb), l2_normalize(txt_emb)
     logits = logit_scale * img @ txt.T
     diag = jnp.diagonal(logits)
     i2t = jax.nn.logsumexp(logits, axis=1) - diag
@@ -41,8 +37,7 @@ def clip_loss_soft(img_emb: Array, txt_emb: Array, logit_scale: Array | float,
     reports that image i matches (e.g. every report with image i's label set, normalised);
     image->text uses its rows, text->image its columns (each column normalised). With the
     identity as targets this is `clip_loss`."""
-    img = _l2_normalize(img_emb.astype(jnp.float32))
-    txt = _l2_normalize(txt_emb.astype(jnp.float32))
+    img, txt = l2_normalize(img_emb), l2_normalize(txt_emb)
     logits = logit_scale * img @ txt.T
     targets = jax.lax.stop_gradient(targets.astype(jnp.float32))
     rows = targets / jnp.maximum(targets.sum(axis=1, keepdims=True), 1e-12)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unimedi_jax.data import text

@@ -199,7 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 compile_s = time.time() - tick
                 t0, steps_timed = time.time(), 0
             steps_timed += 1
-            if previous is not None:
+            # One step late (no stall), and one device scalar unless it says non-finite.
+            if previous is not None and not bool(_host(previous[1]["finite"])):
                 _check_finite(previous[0], _host(previous[1]), config.on_nonfinite)
             previous = (step, metrics)
             if step % config.log_every_steps == 0 or step == config.total_steps:
@@ -217,9 +218,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     and step < config.total_steps:
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluate(state).items()})
         if preemption.requested and step < config.total_steps:
-            _check_finite(step, _host(metrics), config.on_nonfinite)
-            checkpointer.save(step, state, data_state, {"compile_s": compile_s})
-            checkpointer.wait()
+            if step > start:  # else nothing new since the checkpoint (or start) it resumes from
+                _check_finite(step, _host(metrics), config.on_nonfinite)
+                checkpointer.save(step, state, data_state, {"compile_s": compile_s})
+                checkpointer.wait()
             logging.warning("Stopped at step %d after SIGTERM; rerun the command to resume", step)
             return {}
     finally:
