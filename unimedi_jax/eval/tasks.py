@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from unimedi_jax import files
 from unimedi_jax.data import phantom
 from unimedi_jax.eval import features
 from unimedi_jax.models.unimedi import UniMedI
@@ -329,8 +330,6 @@ def write_results(workdir: str, config, loaded: Loaded, results: dict) -> dict:
     workdir = os.path.expanduser(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(path + ".tmp", path)
+    files.write_text(path, json.dumps(out, indent=2))
     logging.info("Wrote %s", path)
     return out

@@ -20,7 +20,6 @@ import functools
 import importlib.resources
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -31,6 +30,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from unimedi_jax import files
 from unimedi_jax.models import layers
 
 CONFIG_NAME = "config.json"
@@ -359,17 +359,6 @@ def from_pretrained(
     return BertModel(config), jax.tree.map(jnp.asarray, params)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Writes through a temporary file in the same folder, then renames it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 def save_pretrained(
     params: Mapping, config: BertConfig, folder: str | os.PathLike, tokenizer_folder: str | os.PathLike | None = None
@@ -383,9 +372,9 @@ def save_pretrained(
     state = to_hf_state_dict(params, config)
     folder.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(config.to_hf_dict(), indent=2) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config_text, encoding="utf-8"))
+    files.write_text(folder / CONFIG_NAME, config_text)
     # Hugging Face reads the "format" metadata to know the tensors follow torch conventions.
-    _atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    files.atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
 

@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from unimedi_jax import files
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -76,10 +78,7 @@ class Checkpointer:
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes WORKDIR/config.json (atomically)."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    files.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

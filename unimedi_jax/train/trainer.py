@@ -14,14 +14,14 @@ import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
+from unimedi_jax import files
 from unimedi_jax.train import checkpoint as ckpt_lib
 from unimedi_jax.train import report_cache
 from unimedi_jax.train import sharding as shd
@@ -262,10 +262,9 @@ def _initial_eval(workdir, start, state, evaluate, writer) -> dict:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump({k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
-                   for k, v in obj.items()}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    files.write_text(path, json.dumps({k: (float(v) if np.ndim(v) == 0 else
+                                          np.asarray(v).tolist()) for k, v in obj.items()},
+                                      indent=2))
 
 
 def format_summary(summary: dict) -> str:

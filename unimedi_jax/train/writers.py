@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from unimedi_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -36,9 +38,7 @@ class Writer:
         os.makedirs(workdir, exist_ok=True)
         if resume_step is not None and os.path.exists(self.path):
             rows = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            os.replace(self.path + ".tmp", self.path)
+            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = open(self.path, "a", buffering=1)
         try:
             from clu import metric_writers  # needs tensorflow
