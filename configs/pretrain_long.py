@@ -10,8 +10,8 @@ under an hour each:
 
 configs/pretrain.py with every step count scaled by SCALE; everything else (model, objective,
 optimiser, data) is the default's. "CPU" = sized to finish in under 60 minutes on 2 cores: the
-default's step takes 1.0-1.2 s there (docs/RESULTS.md §4), so 2400 steps take ~45 min, plus
-~1 min for each of the 5 evaluations. `configs/pretrain_long.py:test` is
+default's step takes 0.65 s there with the report cache (docs/RESULTS.md §4), so 2400 steps
+take ~26 min, plus ~1 min for each of the 5 evaluations. `configs/pretrain_long.py:test` is
 configs/pretrain.py:test unchanged (the seconds-long size).
 """
 

@@ -201,6 +201,13 @@ def test_nonfinite_step_is_skipped(setup, run):
         for a, b in zip(jax.tree.leaves(new[key]), jax.tree.leaves(states[-1][key])):
             np.testing.assert_array_equal(a, b)
     assert train_step._cache_size() == 1
+    # The next update applies (and logs) the rate of the 10 updates applied so far, not of the
+    # step counter (11 after the skipped one).
+    config = setup[0]
+    _, m2 = train_step(new, tiny_batch(), jax.random.key(1))
+    schedule = schedules.learning_rate(config.optim, config.total_steps)
+    assert float(m2["lr"]) == pytest.approx(float(schedule(10)), rel=1e-6)
+    assert float(schedule(10)) != pytest.approx(float(schedule(11)), rel=1e-3)
 
 
 # ---------------- ablation switches ----------------

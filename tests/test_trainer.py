@@ -216,15 +216,20 @@ def test_nan_in_data_stops_the_run_before_a_checkpoint(tmp_path, data_dir, monke
 
 def test_metrics_reach_the_host_only_at_log_and_checkpoint_steps(tmp_path, data_dir,
                                                                  monkeypatch):
-    """Between log steps the loop reads one device scalar (`finite`) per step, not the metrics."""
-    fetched = []
-    host = trainer._host
+    """Between log steps the loop reads one device scalar (`finite`) per step, not the metrics;
+    the training iterator is closed at the end."""
+    from unimedi_jax.data import pipeline
+    fetched, closed = [], []
+    host, close = trainer._host, pipeline.MixedIterator.close
     monkeypatch.setattr(trainer, "_host", lambda tree: fetched.append(
         isinstance(tree, dict) and "loss" in tree) or host(tree))
+    monkeypatch.setattr(pipeline.MixedIterator, "close",
+                        lambda self: closed.append(1) or close(self))
     c = _config(data_dir, eval_at_end=False)
     c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 6, 3, 6
     trainer.train_and_evaluate(c, str(tmp_path))
     assert sum(fetched) == 3  # steps 3 and 6 (log) and 6 (checkpoint)
+    assert closed == [1]  # the training iterator (and its Grain workers) closed once
 
 
 def test_sigterm_before_the_first_step_stops_without_a_checkpoint(tmp_path, data_dir,

@@ -96,3 +96,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
                                          trainable_mask(params, config))
     return optax.multi_transform({"train": adamw_chain(config), "frozen": optax.set_to_zero()},
                                  labels)
+
+
+def applied_updates(opt_state) -> jax.Array:
+    """How many updates the optimiser has applied (its step count, which drives its learning
+    rate schedule; a skipped non-finite step does not advance it): int32 scalar."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    if not counts:
+        raise ValueError("optimiser state holds no step count")
+    return counts[0][1]

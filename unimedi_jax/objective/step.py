@@ -38,7 +38,7 @@ import optax
 from unimedi_jax.models.unimedi import UniMedI, teacher_params
 from unimedi_jax.objective import losses, masking, schedules, selection
 from unimedi_jax.objective.ema import ema_update
-from unimedi_jax.objective.optim import make_optimizer, trainable_mask
+from unimedi_jax.objective.optim import applied_updates, make_optimizer, trainable_mask
 
 Array = jax.Array
 MODALITIES = ("xray", "ct")  # batch keys, in the order their samples enter the CLIP matrix
@@ -286,8 +286,9 @@ def make_train_step(model: UniMedI, config, optimizer: optax.GradientTransformat
         if config.on_nonfinite == "skip":
             old = {k: state[k] for k in new}
             new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        # The rate this update applied: the optimiser's count lags `step` after skipped steps.
         metrics.update(grad_norm=grad_norm, finite=finite, ema_momentum=momentum,
-                       lr=lr_schedule(step))
+                       lr=lr_schedule(applied_updates(state["opt_state"])))
         return {"step": step + 1, **new}, metrics
 
     return train_step

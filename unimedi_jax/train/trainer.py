@@ -227,6 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         progress.close()
         prefetch.close()
+        getattr(train_iter, "close", lambda: None)()  # stops Grain worker processes
         preemption.restore()
         checkpointer.wait()
         writer.flush()
