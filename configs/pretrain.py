@@ -122,8 +122,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.procedural = False           # DESIGN §6: the stored training split (the locked text
                                         #   tower then runs once per report); True: unlimited
                                         #   pairs generated in the training process
-    # Stored phantom splits (data_prep/phantom.py defaults) serve evaluation and the slab-position
-    # prior; `options` go to the dataset's builder (e.g. num_validation=..., manifest=PATH).
+    # Stored phantom splits (data_prep/phantom.py defaults: CT 1000/200/200, X-ray 2000/400/400)
+    # serve training (`split`), evaluation and the slab-position prior; `options` go to the
+    # dataset's builder (e.g. num_train=..., manifest=PATH).
     c.data.xray = ml_collections.ConfigDict(dict(
         dataset="phantom", split="train", stored_size=72, crop_size=64, options={}))
     c.data.ct = ml_collections.ConfigDict(dict(
