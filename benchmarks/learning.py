@@ -71,6 +71,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from unimedi_jax import files
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ARMS = ("random", "supervised", "clip", "clip_sd", "clip_sd_random", "unimedi")  # the default
@@ -602,9 +604,7 @@ def _verdict(holds: bool | None) -> str:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    files.write_text(path, json.dumps(obj, indent=2))
 
 
 def run_ladder(config, arms: Sequence[str], seeds: Sequence[int], probing: Probing,
@@ -648,8 +648,7 @@ def run_ladder(config, arms: Sequence[str], seeds: Sequence[int], probing: Probi
         "config": json.loads(config.to_json_best_effort()),
     }
     _write_json(os.path.join(workdir, "ladder.json"), ladder)
-    with open(os.path.join(workdir, "ladder.md"), "w") as f:
-        f.write(markdown(ladder))
+    files.write_text(os.path.join(workdir, "ladder.md"), markdown(ladder))
     plot_curves(read_curves(workdir, arms, seeds), os.path.join(workdir, "curves.png"))
     plot_findings(summary, labels, max(probing.fractions), os.path.join(workdir, "findings.png"))
     return ladder
