@@ -63,6 +63,8 @@ def test_cache_encodes_each_distinct_report_once_as_the_model_does(minilm):
     unseen = text.tokenize(tokenizer, ["Bilateral ground glass opacities."], 24)["input_ids"]
     with pytest.raises(ValueError, match="not among the 3 cached.*cache_locked=False"):
         cache.lookup(unseen, "xray batch")
+    with pytest.raises(ValueError, match=r"shape \(1, 16\).*reports of 24 tokens"):
+        cache.lookup(unseen[:, :16], "xray batch")
     with pytest.raises(ValueError, match="no reports"):
         report_cache.ReportCache.build(model, params, tokenizer, [], 24)
 
@@ -108,7 +110,7 @@ def test_step_on_cached_features_equals_the_step_running_the_tower(text_folder):
         float(metrics["loss_vl"]), rel=1e-3)
 
 
-def test_step_rejects_partial_or_trainable_tower_features(text_folder):  # noqa: F811
+def test_step_rejects_partial_misshapen_or_trainable_tower_features(text_folder):  # noqa: F811
     config = tiny_config(text_folder)  # trainable_layers=1
     s = step_lib.make_setup(config)
     state = _jit(s.init)(jax.random.key(0), s.text_params)
@@ -119,6 +121,10 @@ def test_step_rejects_partial_or_trainable_tower_features(text_folder):  # noqa:
         _step(s.model, config, state, batch)
     batch["xray"][step_lib.TEXT_FEATURES] = np.zeros((B2, width), np.float32)
     with pytest.raises(ValueError, match="trainable_layers=1"):
+        _step(s.model, config, state, batch)
+    config.model.text.trainable_layers = 0
+    batch["xray"][step_lib.TEXT_FEATURES] = np.zeros((B2, width + 1), np.float32)
+    with pytest.raises(ValueError, match=rf"has shape \({B2}, {width + 1}\), expected"):
         _step(s.model, config, state, batch)
 
 

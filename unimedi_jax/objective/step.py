@@ -161,6 +161,12 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
         raise ValueError(f"{TEXT_FEATURES!r} replaces the text tower, which trains "
                          f"(model.text.trainable_layers={config.model.text.trainable_layers}); "
                          "precomputed report features need a locked tower (0)")
+    width = model.text.config.hidden_size
+    for k in kinds if all(cached) else ():
+        shape, n = batch[k][TEXT_FEATURES].shape, batch[k]["input_ids"].shape[0]
+        if shape != (n, width):
+            raise ValueError(f"batch[{k!r}][{TEXT_FEATURES!r}] has shape {shape}, expected "
+                             f"({n}, {width}): one text-tower feature per report")
 
     metrics, targets, inputs = {}, {}, {}
     for i, kind in enumerate(kinds):

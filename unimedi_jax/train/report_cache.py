@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from unimedi_jax.data import text
+from unimedi_jax.eval import features
 from unimedi_jax.models import bert
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective.step import MODALITIES, TEXT_FEATURES
@@ -48,7 +49,7 @@ class ReportCache:
     def build(cls, model: UniMedI, text_params: dict, tokenizer, reports: Iterable[str],
               max_length: int, batch_size: int = ENCODE_BATCH) -> ReportCache:
         """Tokenises `reports` (to max_length, as the pipeline does) and encodes each distinct
-        token sequence once with `model.encode_text` (jitted, fixed batches, the last padded)."""
+        token sequence once with `model.encode_text` (jitted, fixed batches, the last padded: `eval.features.apply_batched`)."""
         reports = list(reports)
         if not reports:
             raise ValueError("report cache: no reports to encode")
@@ -58,20 +59,22 @@ class ReportCache:
                       for key in ("input_ids", "attention_mask"))
         unique, first = np.unique(ids, axis=0, return_index=True)
         mask = masks[first]
-        encode = jax.jit(lambda p, i, m: model.encode_text({"text": p}, i, m))
-        params = jax.device_put(text_params)
-        out = []
-        for start in range(0, len(unique), batch_size):
-            i, m = unique[start:start + batch_size], mask[start:start + batch_size]
-            pad = batch_size - len(i)
-            i, m = (np.pad(a, ((0, pad), (0, 0))) for a in (i, m))
-            out.append(np.asarray(encode(params, i, m))[:batch_size - pad])
-        features = np.concatenate(out).astype(np.float32)
-        return cls({row.tobytes(): n for n, row in enumerate(unique)}, features, max_length)
+        encode = jax.jit(lambda p, b: {"features": model.encode_text(
+            {"text": p}, b["input_ids"], b["attention_mask"])})
+        batches = ((features.pad_batch({"input_ids": unique[i:i + batch_size],
+                                        "attention_mask": mask[i:i + batch_size]}, batch_size),
+                    min(batch_size, len(unique) - i)) for i in range(0, len(unique), batch_size))
+        table = features.apply_batched(encode, jax.device_put(text_params), batches)
+        table = table["features"].astype(np.float32)
+        return cls({row.tobytes(): n for n, row in enumerate(unique)}, table, max_length)
 
     def lookup(self, input_ids: np.ndarray, name: str = "batch") -> np.ndarray:
         """Features (B, text width) of input_ids (B, T); ValueError for a report not cached."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int32)
+        if ids.ndim != 2 or ids.shape[1] != self.max_length:
+            raise ValueError(f"report cache: the {name}'s input_ids have shape {ids.shape}; the "
+                             f"cache holds reports of {self.max_length} tokens "
+                             "(config.model.text.max_length and data.max_length must agree)")
         try:
             rows = [self.rows[row.tobytes()] for row in ids]
         except KeyError:
