@@ -1,7 +1,10 @@
 """The pretraining job end to end: files, sharding, multi-process, kill and resume, guards."""
 
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,6 +121,72 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path, data_dir)
     resumed = [r["loss"] for r in writers.read_metrics(tmp_path) if "loss" in r]
     reference_losses = [r["loss"] for r in writers.read_metrics(workdir) if "loss" in r]
     np.testing.assert_allclose(resumed, reference_losses, rtol=1e-5)
+
+
+def _steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _damaged_copy(workdir, tmp_path, *steps):
+    """A copy of `workdir` whose checkpoints of `steps` have their 3 largest files cut in half."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    for step in steps:
+        paths = sorted((p for p in (copy / "checkpoints" / str(step)).rglob("*") if p.is_file()),
+                       key=lambda p: p.stat().st_size)
+        for path in paths[-3:]:
+            os.truncate(path, path.stat().st_size // 2)
+    return copy
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, data_dir,
+                                                              caplog):
+    workdir, _ = reference
+    assert _steps(workdir) == [20, STEPS]
+    copy = _damaged_copy(workdir, tmp_path, STEPS)
+    caplog.set_level(logging.INFO)
+    trainer.train_and_evaluate(_config(data_dir, eval_at_end=False), str(copy))
+    log = caplog.text
+    assert f"step {STEPS} in {copy / 'checkpoints' / str(STEPS)} could not be restored" in log
+    assert f"falling back to step 20, {STEPS - 20} steps earlier" in log
+    assert "Resuming from the checkpoint of step 20" in log
+    assert (copy / checkpoint.DAMAGED_DIR / str(STEPS)).is_dir()
+    assert _steps(copy) == [20, STEPS]
+    for a, b in zip(_final_params(copy), _final_params(workdir)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    resumed = [r["loss"] for r in writers.read_metrics(copy) if "loss" in r]
+    reference_losses = [r["loss"] for r in writers.read_metrics(workdir) if "loss" in r]
+    np.testing.assert_allclose(resumed, reference_losses, rtol=1e-5)
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(reference, tmp_path, data_dir):
+    workdir, _ = reference
+    copy = _damaged_copy(workdir, tmp_path, 20, STEPS)
+    metrics = (copy / "metrics.jsonl").read_text()
+    proc = _main(copy, data_dir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out
+    assert f"error: No checkpoint in {copy} could be restored (steps tried: {STEPS}, 20;" in out
+    assert "delete those step directories" in out
+    assert "CheckpointRestoreError" not in out  # the message, not a traceback
+    assert _steps(copy) == [20, STEPS]
+    assert (copy / "metrics.jsonl").read_text() == metrics  # nothing started afresh
+
+
+def test_load_pretrained_of_a_damaged_step(reference, tmp_path, caplog):
+    workdir, _ = reference
+    copy = _damaged_copy(workdir, tmp_path, STEPS)
+    with pytest.raises(checkpoint.CheckpointRestoreError,
+                       match=re.escape(f"step {STEPS} in {copy / 'checkpoints' / str(STEPS)} "
+                                       "could not be restored")):
+        checkpoint.load_pretrained(str(copy), STEPS)
+    caplog.set_level(logging.WARNING)
+    _, params = checkpoint.load_pretrained(str(copy))  # the latest: falls back to step 20
+    assert "falling back to step 20" in caplog.text
+    for a, b in zip(jax.tree.leaves(params),
+                    jax.tree.leaves(checkpoint.load_pretrained(str(workdir), 20)[1])):
+        np.testing.assert_array_equal(a, b)
+    assert _steps(copy) == [20, STEPS]  # left as it was
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):

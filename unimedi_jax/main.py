@@ -7,6 +7,7 @@ on the command line, e.g. `--config.total_steps=100 --config.model.vit.dtype=bfl
 from __future__ import annotations
 
 import importlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -57,9 +58,12 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from unimedi_jax.train import sharding
+    from unimedi_jax.train import checkpoint, sharding
     sharding.compile_cpu_collectives_afresh()
-    run(_CONFIG.value, _WORKDIR.value)
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except checkpoint.CheckpointRestoreError as e:  # the message says what to do
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 from absl import app, flags, logging
 
 from unimedi_jax.export import export as export_lib
+from unimedi_jax.train import checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Pretraining workdir, or one of its checkpoints/<step> folders.")
@@ -23,7 +24,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         out = export_lib.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _OVERWRITE.value)
-    except (FileNotFoundError, FileExistsError) as e:  # a wrong path: the message says it all
+    except (FileNotFoundError, FileExistsError,  # a wrong path: the message says it all
+            checkpoint.CheckpointRestoreError) as e:  # or a damaged checkpoint
         sys.exit(f"error: {e}")
     logging.info("Exported %s to %s", _WORKDIR.value, out)
 

@@ -2,24 +2,46 @@
 
 Layout: `WORKDIR/config.json` (the run's config) and `WORKDIR/checkpoints/<step>/{state,data,
 meta}`. orbax writes each step to a temporary folder and renames it when complete, so an
-interrupted save never looks like a checkpoint.
+interrupted save never looks like a checkpoint. A checkpoint damaged later (truncated or
+missing files) is skipped for the newest one that restores (`Checkpointer.restore_intact`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from unimedi_jax import files
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"  # where a resumed run moves the damaged steps it skipped
+
+T = TypeVar("T")
+
+
+class CheckpointRestoreError(ValueError):
+    """The checkpoint asked for, or every checkpoint of a workdir, could not be restored."""
+
+
+def _describe(error: BaseException, step_dir: str) -> str:
+    """One line on `error`: the innermost message of its chain that names a file of `step_dir`
+    (TensorStore's spec cut off), else its own first line."""
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    first = lambda e: (str(e).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    e = next((e for e in reversed(chain) if step_dir + os.sep in first(e)), error)
+    line = first(e)
+    return f"{type(e).__name__}: {line[:400] + '...' if len(line) > 400 else line}"
 
 
 class Checkpointer:
@@ -38,6 +60,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: Any, data_state: dict | None = None,
              meta: dict | None = None) -> None:
         """Starts an (asynchronous) save of step `step`; `wait()` blocks until it is on disk."""
@@ -54,10 +82,11 @@ class Checkpointer:
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
     def restore_host(self, step: int | None = None) -> dict:
-        """Restores the state pytree of `step` (default latest) as host numpy arrays."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}")
+        """Restores the state pytree of `step` (default: the newest intact one) as host numpy
+        arrays."""
+        return self.restore_intact(self._restore_host, step)[1]
+
+    def _restore_host(self, step: int) -> dict:
         meta = self.manager.item_metadata(step)["state"]
         device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         abstract = jax.tree.map(
@@ -66,6 +95,80 @@ class Checkpointer:
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
         return jax.tree.map(np.asarray, state)
+
+    def restore_intact(self, restore: Callable[[int], T], step: int | None = None,
+                       set_aside: bool = False) -> tuple[int, T]:
+        """`(step, restore(step))` for `step`, or by default for the newest step that restores.
+
+        orbax and TensorStore raise plain Exception/ValueError for unreadable files and for a
+        mismatched structure alike, so the exception type cannot tell them apart. Instead any
+        exception from `restore` of a step counts as damage only once an older step restores
+        with the same `restore`: an error that every step shares (a state structure that
+        changed with the config, say) skips nothing and starts nothing afresh, it raises. A
+        `step` asked for is never replaced by another one. `set_aside`: move the damaged steps
+        to WORKDIR/damaged_checkpoints/ (a resumed run would otherwise save over them, or keep
+        them as its latest).
+
+        Raises FileNotFoundError when there is no such checkpoint, CheckpointRestoreError when
+        the step asked for, or every step, fails to restore.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; "
+                                    f"it has steps {steps}")
+        failed: list[tuple[int, str]] = []
+        first_error = None
+        for s in [step] if step is not None else steps[::-1]:
+            try:
+                result = restore(s)
+            except Exception as e:  # damage only if an older step restores (docstring)
+                failed.append((s, _describe(e, self.step_dir(s))))
+                first_error = first_error or e
+                logging.warning("The checkpoint of step %d in %s could not be restored (%s)",
+                                s, self.step_dir(s), failed[-1][1])
+                continue
+            if failed:
+                logging.warning(
+                    "The checkpoint of step %d in %s is damaged: falling back to step %d, %d "
+                    "steps earlier (training from it repeats them)", failed[0][0],
+                    self.step_dir(failed[0][0]), s, failed[0][0] - s)
+                if set_aside:
+                    self._set_aside([f for f, _ in failed])
+            return s, result
+        workdir = os.path.dirname(self.directory)
+        errors = "; ".join(f"step {s}: {d}" for s, d in failed)
+        if step is not None:
+            raise CheckpointRestoreError(
+                f"The checkpoint of step {step} in {self.step_dir(step)} could not be restored "
+                f"({errors}). If the config changed since it was saved, use the config it was "
+                "saved with; if its files are damaged, choose another step (the workdir has "
+                f"steps {steps}) or delete that directory.") from first_error
+        raise CheckpointRestoreError(
+            f"No checkpoint in {workdir} could be restored (steps tried: "
+            f"{', '.join(str(s) for s, _ in failed)}; {errors}). If the config changed since "
+            "they were saved, use the config they were saved with; if their files are damaged, "
+            f"delete those step directories in {self.directory} or choose another workdir."
+        ) from first_error
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves the folders of `steps` to WORKDIR/damaged_checkpoints/ (process 0) and
+        re-reads the steps (every process)."""
+        if jax.process_index() == 0:
+            target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+            os.makedirs(target, exist_ok=True)
+            for step in steps:
+                path, n = os.path.join(target, str(step)), 0
+                while os.path.exists(path):
+                    n += 1
+                    path = os.path.join(target, f"{step}.{n}")
+                os.rename(self.step_dir(step), path)
+                logging.warning("Moved the damaged checkpoint of step %d to %s", step, path)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("unimedi_jax.checkpoint.set_aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -95,7 +198,9 @@ def load_pretrained(workdir: str, step: int | None = None, which: str = "params"
     """(config, params) of a pretraining workdir: the student ("params") or the "teacher".
 
     params = {"vision", "text", "img_proj", "txt_proj", "dino_head", "logit_scale"} as numpy
-    arrays (the teacher has "vision" and "dino_head" only).
+    arrays (the teacher has "vision" and "dino_head" only). `step` None: the newest checkpoint
+    that restores (a warning names the damaged ones skipped); a damaged `step` raises
+    CheckpointRestoreError.
     """
     config = load_config(workdir)
     state = Checkpointer(workdir, max_to_keep=None, asynchronous=False).restore_host(step)

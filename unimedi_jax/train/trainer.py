@@ -3,7 +3,7 @@
 `train_and_evaluate(config, workdir)` is what `python -m unimedi_jax.main
 --config=configs/pretrain.py --workdir=DIR` runs. Starting it again on the same workdir resumes
 from the latest checkpoint (state, RNG, data iterator), so a killed run ends where an
-uninterrupted one would.
+uninterrupted one would; a damaged latest checkpoint is set aside for the newest intact one.
 """
 
 from __future__ import annotations
@@ -154,17 +154,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     repl = shd.replicated(mesh)
 
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-    start = checkpointer.latest_step()
-    train_iter = data.train_iterator()
-    if start is None:
+    if checkpointer.latest_step() is None:
         state = jax.jit(setup.init, out_shardings=state_sharding)(init_rng, setup.text_params)
-        start = 0
+        start, data_state = 0, None
     else:
-        logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
         abstract_sharded = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
             state_sharding)
-        state, data_state, _ = checkpointer.restore(start, abstract_sharded)
+        # The newest checkpoint that restores; damaged newer ones are moved aside.
+        start, (state, data_state, _) = checkpointer.restore_intact(
+            lambda step: checkpointer.restore(step, abstract_sharded), set_aside=True)
+        logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
+    train_iter = data.train_iterator()
+    if data_state is not None:
         train_iter.set_state(data_state)
 
     update = jax.jit(setup.train_step, in_shardings=(state_sharding, batch_sharding, repl),
