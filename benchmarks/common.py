@@ -311,20 +311,28 @@ class Tokens(NamedTuple):
     embed_flops: float
 
 
+def distilled(config, kind: str) -> bool:
+    """Whether the step masks and distils modality `kind` (objective.sd.enabled, .modalities)."""
+    sd = config.objective.sd
+    return bool(sd.enabled) and kind in tuple(sd.get("modalities", ("xray", "ct")))
+
+
 def token_counts(model: UniMedI, config) -> dict[str, Tokens]:
-    """Per modality ("xray", "ct") the token counts of the step (CT: volume + k slices)."""
+    """Per modality ("xray", "ct") the token counts of the step (CT: volume + k slices); the
+    student sees all of them in a modality that is not distilled."""
     v, obj = model.vit, config.objective
     if obj.masking.style != "drop" and obj.sd.enabled:
         raise NotImplementedError("the benchmark counts the `drop` masking style only")
-    keep = lambda n: masking.num_keep(n, obj.masking.keep_ratio) if obj.sd.enabled and n else n
+    masked = {k: distilled(config, k) for k in ("xray", "ct")}
     n_xray = (config.data.xray.crop_size // v.patch_size) ** 2
     volume = tuple(config.data.ct.crop_size)
     n3 = math.prod(s // p for s, p in zip(volume, v.patch_size_3d))
     n_slice = math.prod(s // v.patch_size for s in volume[1:])
     k = obj.selection.k if obj.selection.mode != "none" else 0
     p2 = v.patch_size ** 2
-    return {"xray": Tokens(n_xray, keep(n_xray), _dense(n_xray, p2, v.width)),
-            "ct": Tokens(n3 + k * n_slice, keep(n3) + k * keep(n_slice),
+    keep = lambda kind, n: masking.num_keep(n, obj.masking.keep_ratio) if masked[kind] and n else n
+    return {"xray": Tokens(n_xray, keep("xray", n_xray), _dense(n_xray, p2, v.width)),
+            "ct": Tokens(n3 + k * n_slice, keep("ct", n3) + k * keep("ct", n_slice),
                          _dense(n3, math.prod(v.patch_size_3d), v.width)
                          + _dense(k * n_slice, p2, v.width))}
 
@@ -361,11 +369,11 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
         b = samples[kind]
         if not b:
             continue
-        if obj.sd.enabled:
+        if distilled(config, kind):
             parts[f"teacher_{kind}"] = b * (tok.embed_flops + blocks(1 + tok.full)
                                             + attn_rows(1 + tok.full) + head(1 + tok.full))
         student = blocks(1 + tok.kept) + _dense(1, w, config.model.proj_dim)
-        if obj.sd.enabled:
+        if distilled(config, kind):
             student += head(1 + tok.kept)
         parts[f"student_{kind}"] = b * (2 * tok.embed_flops + 3 * student)
 

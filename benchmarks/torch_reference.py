@@ -54,6 +54,8 @@ SUPPORTED = {
     "masking.style": ("drop",),
     "clip.joint": (True, False),
     "clip.targets": ("pairs",),
+    "sd.modalities": (("xray", "ct"), ("ct",), ("xray",)),
+    "sd.center_per_modality": (False,),
 }
 CLIP_MODES = ("per_parameter", "global")
 
@@ -303,7 +305,8 @@ class TorchStep:
         obj = config.objective
         for key, allowed in SUPPORTED.items():
             section, name = key.split(".")
-            if obj[section].get(name, allowed[0]) not in allowed:
+            value = obj[section].get(name, allowed[0])
+            if (tuple(value) if isinstance(value, (list, tuple)) else value) not in allowed:
                 raise ValueError(f"objective.{key}={obj[section][name]!r}: the PyTorch "
                                  f"reference implements {allowed}")
         self.text_pooling = model.text_pooling
@@ -372,11 +375,12 @@ class TorchStep:
         """(loss, cls targets (B, K), per-sample patch means (B, K)) of one step."""
         obj, sd = self.obj, self.obj.sd
         kinds = [k for k in ("xray", "ct") if k in batch]
+        distilled = [k for k in kinds if sd.enabled and k in tuple(sd.modalities)]
         inputs, targets = {}, {}
         with torch.no_grad():
             for kind in kinds:
                 inputs[kind] = self._inputs(kind, batch[kind])
-                if not sd.enabled:
+                if kind not in distilled:
                     continue
                 cls, tokens, attn, layout = self.teacher["vision"](**inputs[kind], attention=True)
                 logits = self.teacher["dino_head"](torch.cat([cls[:, None], tokens], dim=1))
@@ -402,19 +406,19 @@ class TorchStep:
             bounds = np.cumsum([0] + [batch[k]["input_ids"].shape[0] for k in kinds]).tolist()
             loss = sum(clip_loss(z_img[a:b], z_txt[a:b], scale)
                        for a, b in zip(bounds[:-1], bounds[1:])) / len(kinds)
-        if not sd.enabled:
+        if not distilled:
             return loss, None, None
         logits = {k: s.dino_head(torch.cat([encoded[k][0][:, None], encoded[k][1]], dim=1))
-                  for k in kinds}
-        cls_target = torch.cat([targets[k][0] for k in kinds])
-        icl = distill_ce(torch.cat([logits[k][:, 0] for k in kinds]), cls_target, center_cls,
+                  for k in distilled}
+        cls_target = torch.cat([targets[k][0] for k in distilled])
+        icl = distill_ce(torch.cat([logits[k][:, 0] for k in distilled]), cls_target, center_cls,
                          sd.student_temp, sd.teacher_temp).mean()
         # drop style: every kept position carries weight 1, so the per-sample weighted mean is
-        # the plain mean; the loss is the mean over all samples.
+        # the plain mean; the loss is the mean over the distilled samples.
         pcl = sum(distill_ce(logits[k][:, 1:], targets[k][1], center_patch, sd.student_temp,
-                             patch_temp).mean(dim=1).sum() for k in kinds) / ids.shape[0]
+                             patch_temp).mean(dim=1).sum() for k in distilled) / len(cls_target)
         loss = loss + sd.w_icl * icl + sd.w_pcl * pcl
-        return loss, cls_target, torch.cat([targets[k][2] for k in kinds])
+        return loss, cls_target, torch.cat([targets[k][2] for k in distilled])
 
     def _clip(self) -> None:
         """optim.make_optimizer's clipping: each gradient to norm <= grad_clip_norm on its own

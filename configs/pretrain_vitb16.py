@@ -28,9 +28,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.text.dtype = "bfloat16"                # compute dtype on accelerators
     config.model.text.max_length = 112                  # DESIGN §3 (MGCA): 112 report tokens
     config.model.proj_dim = 256                         # MGCA: 128; A-CLIP/CLIP ViT-B: 512; DESIGN: 256
+    config.objective.sd.modalities = ("xray", "ct")     # paper §3.4: both masked and distilled
     config.model.dino.update(hidden_dim=2048, bottleneck_dim=256, out_dim=8192)  # DESIGN §4.5
 
-    config.data.name = "paper"
     config.data.xray = ml_collections.ConfigDict(dict(
         dataset="mimic_cxr", split="train", stored_size=256, crop_size=224))  # DESIGN §6
     config.data.ct = ml_collections.ConfigDict(dict(
@@ -43,11 +43,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.optim.lr = 2e-5                              # paper §4.1 (MGCA)
     config.optim.weight_decay = 0.05                    # paper §4.1
     config.optim.warmup_init_lr = 1e-8                  # paper §4.1
-    config.epochs = 50                                  # paper §4.1
-    config.warmup_epochs = 20                           # paper §4.1
-    config.steps_per_epoch = 2500                       # ~MIMIC-CXR frontal (~217k)/96 + BIMCV
-    config.total_steps = config.epochs * config.steps_per_epoch
-    config.optim.warmup_steps = config.warmup_epochs * config.steps_per_epoch
+    epochs, warmup_epochs = 50, 20                      # paper §4.1
+    steps_per_epoch = 2500                              # ~MIMIC-CXR frontal (~217k)/96 + BIMCV
+    config.total_steps = epochs * steps_per_epoch
+    config.optim.warmup_steps = warmup_epochs * steps_per_epoch
     config.log_every_steps = 50
     config.eval_every_steps = 5000
     config.checkpoint_every_steps = 2000

@@ -55,6 +55,7 @@ def tiny_config(text_folder, **objective):
     # hold 3 and 2, too few for a loss signal on one fixed batch); `clip__joint=False` is
     # checked in test_without_self_distillation_only_clip_remains.
     c.objective.clip.joint = True
+    c.objective.sd.modalities = ("xray", "ct")  # the paper's: both distilled
     for path, value in objective.items():
         section, key = path.split("__")
         c.objective[section][key] = value
@@ -140,7 +141,9 @@ def test_model_params_and_teacher_view(setup, text_folder):
     assert set(state["teacher"]) == {"vision", "dino_head"}
     for a, b in zip(jax.tree.leaves(state["teacher"]), jax.tree.leaves(teacher_params(params))):
         np.testing.assert_array_equal(a, b)
-    assert state["centers"]["cls"].shape == (64,) and int(state["step"]) == 0
+    assert {k: v.shape for k, v in _flat(state["centers"]).items()} == {
+        f"{m}/{c}": (64,) for m in ("xray", "ct") for c in ("cls", "patch")}
+    assert int(state["step"]) == 0
     bad = tiny_config(text_folder)
     bad.model.text.num_layers = 3
     with pytest.raises(ValueError, match="model.text.num_layers"):
@@ -188,7 +191,11 @@ def test_update_moves_student_ema_teacher_and_centres(setup, run):
                         teacher_params(states[1]["params"]))
     for a, b in zip(jax.tree.leaves(states[1]["teacher"]), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert np.abs(np.asarray(states[1]["centers"]["patch"])).max() > 0
+    assert np.abs(np.asarray(states[1]["centers"]["ct"]["patch"])).max() > 0
+    # Shared centres (the default): every modality's centre follows the whole batch.
+    for a, b in zip(jax.tree.leaves(states[1]["centers"]["xray"]),
+                    jax.tree.leaves(states[1]["centers"]["ct"])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_nonfinite_step_is_skipped(setup, run):
@@ -281,6 +288,76 @@ def _step_metrics(setup, **objective):
                                                           config=cfg))
     step_rng = jax.random.fold_in(jax.random.key(1), 0)  # what the first train step used
     return f(state["params"], state["teacher"], state["centers"], tiny_batch(), step_rng)
+
+
+def test_centres_per_modality_follow_their_own_teacher_outputs(setup):
+    config, s, state = setup
+    _, _, _, shared = _step_metrics(setup)
+    _, _, _, own = _step_metrics(setup, sd__center_per_modality=True)
+    # The X-ray teacher output, computed here: the teacher's DINO head on its full-image tokens.
+    model, batch, teacher = s.model, tiny_batch(), state["teacher"]
+    cls, out = model.encode_image(teacher, images=jnp.asarray(batch["xray"]["image"])[:, None])
+    logits = np.asarray(model.dino(teacher, jnp.concatenate([cls[:, None], out["tokens"]], 1)),
+                        np.float64)
+    m = config.objective.sd.center_momentum  # the centres start at zero
+    np.testing.assert_allclose(own["xray"]["cls"], (1 - m) * logits[:, 0].mean(0),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(own["xray"]["patch"], (1 - m) * logits[:, 1:].mean((0, 1)),
+                               rtol=1e-5, atol=1e-7)
+    # The shared centre is the sample-weighted mean of the two modalities' own.
+    for key in ("cls", "patch"):
+        np.testing.assert_allclose(
+            shared["xray"][key], (B2 * own["xray"][key] + B3 * own["ct"][key]) / (B2 + B3),
+            rtol=1e-5, atol=1e-7)
+        assert np.abs(np.asarray(own["xray"][key]) - np.asarray(own["ct"][key])).max() > 1e-4
+
+
+def test_each_modality_is_distilled_against_its_own_centre(setup):
+    """loss_icl of the pair = sample-weighted mean of the losses of each modality alone, each
+    against its own centre (distinct here)."""
+    config, s, state = setup
+    cfg = tiny_config(config.model.text.checkpoint, sd__center_per_modality=True)
+    f = _jit(lambda c, b: step_lib.pretrain_step(state["params"], state["teacher"], c, b,
+                                                 jax.random.key(3), 0, model=s.model, config=cfg))
+    rng = np.random.default_rng(0)
+    centers = jax.tree.map(lambda c: jnp.asarray(rng.normal(size=c.shape), jnp.float32),
+                           state["centers"])
+    batch = tiny_batch()
+    both = f(centers, batch)[2]
+    alone = {k: f(centers, {k: batch[k]})[2] for k in ("xray", "ct")}
+    for key in ("loss_icl", "loss_pcl"):
+        want = (B2 * float(alone["xray"][key]) + B3 * float(alone["ct"][key])) / (B2 + B3)
+        assert float(both[key]) == pytest.approx(want, rel=1e-5), key
+    swapped = {"xray": centers["ct"], "ct": centers["xray"]}
+    assert float(f(swapped, batch)[2]["loss_icl"]) != pytest.approx(float(both["loss_icl"]),
+                                                                     rel=1e-3)
+
+
+def test_self_distillation_of_one_modality(setup):
+    """sd.modalities=("ct",): the CT part is distilled as in the pair, the X-rays enter the
+    student whole (their CLIP loss is the one without self-distillation) and get no DINO loss."""
+    config, s, state = setup
+
+    def step(batch, **objective):
+        cfg = tiny_config(config.model.text.checkpoint, **objective)
+        return step_lib.pretrain_step(state["params"], state["teacher"], state["centers"], batch,
+                                      jax.random.key(3), 0, model=s.model, config=cfg)
+
+    batch = tiny_batch()
+    ct_only = _jit(lambda b: step(b, sd__modalities=("ct",)))
+    pair = ct_only(batch)
+    ct_alone = _jit(lambda b: step(b))({"ct": batch["ct"]})
+    for key in ("loss_icl", "loss_pcl"):
+        assert float(pair[2][key]) == pytest.approx(float(ct_alone[2][key]), rel=1e-5), key
+    for a, b in zip(jax.tree.leaves(pair[3]), jax.tree.leaves(ct_alone[3])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    xray = {"xray": batch["xray"]}
+    xray_alone = ct_only(xray)[2]
+    assert "loss_icl" not in xray_alone and "attn_entropy_xray" not in pair[2]
+    whole = _jit(lambda b: step(b, sd__enabled=False))(xray)[2]
+    assert float(xray_alone["loss_vl"]) == pytest.approx(float(whole["loss_vl"]), rel=1e-6)
+    with pytest.raises(ValueError, match="objective.sd.modalities"):
+        step(batch, sd__modalities=("xray", "mri"))
 
 
 def test_mask_token_style_changes_the_loss(setup, run):

@@ -6,11 +6,13 @@ Per step, for the X-ray sub-batch (images, k = 1) and the CT sub-batch (volumes)
    the volume alone and scores its slabs by CLS attention (Eq. 1-2); `random` scores them with
    noise; the top-k slabs give k 2D slices that join the volume's tokens as
    `[3D tokens, slice 1..k tokens]`. `none` keeps the volume alone.
-2. Self-distillation targets (`objective.sd.enabled`): the teacher encodes the full (mixed)
-   input; its CLS attention scores the tokens for the student's mask (per modality block,
-   `objective.masking`), its DINO-head outputs are the CLS and patch targets.
-3. The student encodes the masked input (unmasked when self-distillation is off: the masking
-   belongs to the masking-and-recovering task of §3.4); the text encoder encodes the reports.
+2. Self-distillation targets (`objective.sd.enabled`, for the sub-batches named in
+   `objective.sd.modalities`): the teacher encodes the full (mixed) input; its CLS attention
+   scores the tokens for the student's mask (per modality block, `objective.masking`), its
+   DINO-head outputs are the CLS and patch targets.
+3. The student encodes the masked input (a sub-batch that is not distilled enters whole: the
+   masking belongs to the masking-and-recovering task of §3.4); the text encoder encodes the
+   reports.
 4. L = L_vl + w_icl L_icl + w_pcl L_pcl.
 
 CLIP pairing: each sample contributes one image embedding, the projection of its single [CLS].
@@ -135,7 +137,7 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
     """The UniMedI loss and its gradient for one step.
 
     params: student params (see `models.unimedi`); teacher: {"vision", "dino_head"};
-    centers: {"cls": (K,), "patch": (K,)}; batch: "xray" {image (B2, S, S), input_ids,
+    centers: {modality: {"cls": (K,), "patch": (K,)}} (`init_state`); batch: "xray" {image (B2, S, S), input_ids,
     attention_mask} and/or "ct" {volume (B3, D, H, W), input_ids, attention_mask} (docs/
     CONTRACTS.md; other keys are ignored), each optionally with TEXT_FEATURES (all sub-batches
     or none: the locked tower's report features replace running it); rng: a key for this step;
@@ -168,6 +170,13 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
             raise ValueError(f"batch[{k!r}][{TEXT_FEATURES!r}] has shape {shape}, expected "
                              f"({n}, {width}): one text-tower feature per report")
 
+    sd_modalities = tuple(sd.get("modalities", MODALITIES))  # configs saved before the key
+    if not set(sd_modalities) <= set(MODALITIES):
+        raise ValueError(f"objective.sd.modalities={sd_modalities!r}: each must be one of "
+                         f"{MODALITIES}")
+    # The sub-batches that are masked and distilled; the others enter the student whole.
+    distilled = [k for k in kinds if k in sd_modalities] if sd.enabled else []
+
     metrics, targets, inputs = {}, {}, {}
     for i, kind in enumerate(kinds):
         r_sel, r_mask = jax.random.split(jax.random.fold_in(rng, i))
@@ -175,15 +184,16 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
                                                r_sel)
         if indices is not None:
             metrics["slice_indices"] = indices
-        if sd.enabled:
+        if kind in distilled:
             targets[kind] = _distill_targets(model, teacher, inputs[kind], obj.masking, r_mask)
             inputs[kind] = targets[kind].pop("student_inputs")
             metrics[f"attn_entropy_{kind}"] = targets[kind].pop("attn_entropy")
 
     sizes = [batch[k]["input_ids"].shape[0] for k in kinds]
+    n_distilled = {k: batch[k]["input_ids"].shape[0] for k in distilled}
     patch_temp = schedules.teacher_temp(step, sd.teacher_patch_temp_warmup, sd.teacher_patch_temp,
                                         sd.teacher_temp_warmup_steps)
-    cat = lambda key: jnp.concatenate([targets[k][key] for k in kinds], axis=0)
+    cat = lambda key: jnp.concatenate([targets[k][key] for k in distilled], axis=0)
 
     targets_mode = obj.clip.get("targets", "pairs")  # configs saved before the key: pairs
     if targets_mode not in CLIP_TARGETS:
@@ -217,18 +227,19 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
                                None if labels is None else labels[a:b])
                        for a, b in zip(bounds[:-1], bounds[1:])) / len(kinds)
         terms = {"loss_vl": l_vl}
-        if sd.enabled:
+        if distilled:
             s_logits = {k: model.dino(p, _with_cls(encoded[k][0], encoded[k][1]["tokens"]))
-                        for k in kinds}
-            s_cls = jnp.concatenate([s_logits[k][:, 0] for k in kinds], axis=0)
-            terms["loss_icl"] = losses.dino_loss(s_cls, cat("cls_target"), centers["cls"],
-                                                 sd.student_temp, sd.teacher_temp)
-            # Mean over all samples of the per-sample patch loss (patch_loss is a batch mean).
+                        for k in distilled}
+            # Means over all samples of the per-sample losses (each loss is a batch mean).
+            terms["loss_icl"] = sum(
+                n * losses.dino_loss(s_logits[k][:, 0], targets[k]["cls_target"],
+                                     centers[k]["cls"], sd.student_temp, sd.teacher_temp)
+                for k, n in n_distilled.items()) / sum(n_distilled.values())
             terms["loss_pcl"] = sum(
                 n * losses.patch_loss(s_logits[k][:, 1:], targets[k]["patch_target"],
-                                      centers["patch"], targets[k]["patch_weights"],
+                                      centers[k]["patch"], targets[k]["patch_weights"],
                                       sd.student_temp, patch_temp)
-                for n, k in zip(sizes, kinds)) / sum(sizes)
+                for k, n in n_distilled.items()) / sum(n_distilled.values())
             loss = l_vl + sd.w_icl * terms["loss_icl"] + sd.w_pcl * terms["loss_pcl"]
         else:
             loss = l_vl
@@ -236,11 +247,17 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
 
     (loss, (terms, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     new_centers = dict(centers)
-    if sd.enabled:
-        new_centers = {
-            "cls": losses.update_center(centers["cls"], cat("cls_target"), sd.center_momentum),
-            "patch": losses.update_center(centers["patch"], cat("patch_mean"), sd.center_momentum),
-        }
+    if distilled:
+        # Per modality: each modality's centre follows its own teacher outputs, so one modality
+        # cannot settle on a prototype of its own that a shared centre leaves sharp. Shared:
+        # every centre follows the whole batch (they stay equal).
+        per_modality = sd.get("center_per_modality", False)  # configs saved before the key
+        for m in distilled if per_modality else centers:
+            new_centers[m] = {
+                key: losses.update_center(
+                    centers[m][key], targets[m][src] if per_modality else cat(src),
+                    sd.center_momentum)
+                for key, src in (("cls", "cls_target"), ("patch", "patch_mean"))}
         metrics.update(teacher_temp=jnp.asarray(sd.teacher_temp, jnp.float32),
                        teacher_patch_temp=patch_temp)
     metrics.update(terms, loss=loss, logit_scale=scale)
@@ -249,14 +266,15 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
 
 def init_state(model: UniMedI, params: dict, optimizer: optax.GradientTransformation) -> dict:
     """The train state {step, params, teacher, opt_state, centers}: the teacher starts as a copy
-    of the student (DINO), the centres at zero."""
+    of the student (DINO); centers {modality: {"cls": (K,), "patch": (K,)}} start at zero."""
     k = model.dino_head.out_dim
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "teacher": jax.tree.map(jnp.copy, teacher_params(params)),  # own buffers (donation)
         "opt_state": optimizer.init(params),
-        "centers": {"cls": jnp.zeros((k,), jnp.float32), "patch": jnp.zeros((k,), jnp.float32)},
+        "centers": {m: {"cls": jnp.zeros((k,), jnp.float32),
+                        "patch": jnp.zeros((k,), jnp.float32)} for m in MODALITIES},
     }
 
 
