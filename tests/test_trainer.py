@@ -332,6 +332,14 @@ def test_config_errors_name_the_key(key, value, message, tmp_path):
         validation.validate_pretrain_config(config)
 
 
+def test_config_error_at_the_command_line_is_the_message(tmp_path, data_dir):
+    proc = _main(tmp_path / "w", data_dir, "--config.objective.masking.keep_ratio=1.5")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "error: config.objective.masking.keep_ratio=1.5" in out
+    assert "Traceback" not in out
+
+
 def test_batch_not_divisible_by_devices(tmp_path):
     config = _config(tmp_path)
     config.data.batch_size_ct = 6

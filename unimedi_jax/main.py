@@ -58,12 +58,12 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from unimedi_jax.train import checkpoint, sharding
+    from unimedi_jax.train import checkpoint, sharding, validation
     sharding.compile_cpu_collectives_afresh()
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except checkpoint.CheckpointRestoreError as e:  # the message says what to do
-        sys.exit(f"error: {e}")
+    except (checkpoint.CheckpointRestoreError, validation.ConfigError) as e:
+        sys.exit(f"error: {e}")  # user errors: the message says what to fix
 
 
 if __name__ == "__main__":
