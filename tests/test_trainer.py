@@ -319,6 +319,8 @@ def test_sigterm_before_the_first_step_stops_without_a_checkpoint(tmp_path, data
     ("data.ct.crop_size", (8, 30, 32), r"config.data.ct.crop_size=\(8, 30, 32\) is not divis"),
     ("objective.selection.mode", "best", r"config.objective.selection.mode='best'"),
     ("model.vit.attn_implementation", "flash", r"config.model.vit.attn_implementation='flash'"),
+    ("objective.clip.targets", "labels", r"config.objective.clip.targets='labels'"),
+    ("objective.sd.modalities", ("ct", "mri"), r"config.objective.sd.modalities=\('ct', 'mri'\)"),
     ("model.text.checkpoint", "/nonexistent/bert", r"config.model.text.checkpoint=.*not a folder"),
 ])
 def test_config_errors_name_the_key(key, value, message, tmp_path):

@@ -7,13 +7,16 @@ import os
 import ml_collections
 
 from unimedi_jax.models import layers
+from unimedi_jax.objective import masking, selection, step
 
+# The allowed values, as the modules that read them define them.
 CHOICES = {
-    "objective.selection.mode": ("attentive", "random", "none"),
-    "objective.selection.slice_mode": ("center", "mean"),
-    "objective.masking.mode": ("attentive", "random"),
-    "objective.masking.style": ("drop", "mask_token"),
-    "on_nonfinite": ("stop", "skip"),
+    "objective.selection.mode": step.SELECTION_MODES,
+    "objective.selection.slice_mode": selection.SLICE_MODES,
+    "objective.masking.mode": masking.MODES,
+    "objective.masking.style": masking.STYLES,
+    "objective.clip.targets": step.CLIP_TARGETS,
+    "on_nonfinite": step.ON_NONFINITE,
     # "" picks by backend; the others name one of models/layers.py's attentions.
     "model.vit.attn_implementation": ("", *filter(None, layers.ATTENTION_IMPLEMENTATIONS)),
 }
@@ -59,6 +62,10 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < config.objective.masking.keep_ratio <= 1.0:
         raise ConfigError(f"config.objective.masking.keep_ratio="
                           f"{config.objective.masking.keep_ratio} must be in (0, 1]")
+    modalities = tuple(config.objective.sd.modalities)
+    if not set(modalities) <= set(step.MODALITIES):
+        raise ConfigError(f"config.objective.sd.modalities={modalities!r}: each must be one of "
+                          f"{step.MODALITIES}")
     ckpt = config.model.text.checkpoint
     if ckpt and not os.path.isdir(os.path.expanduser(ckpt)):
         raise ConfigError(f"config.model.text.checkpoint={ckpt!r} is not a folder; it must hold "
