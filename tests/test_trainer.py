@@ -342,6 +342,36 @@ def test_config_error_at_the_command_line_is_the_message(tmp_path, data_dir):
     assert "Traceback" not in out
 
 
+class _Counting:
+    """An iterator of 0, 1, ... that raises at `fail_at`, with a Grain-like get_state."""
+
+    def __init__(self, fail_at=None):
+        self.i, self.fail_at = 0, fail_at
+
+    def __next__(self):
+        if self.i == self.fail_at:
+            raise RuntimeError(f"bad record {self.i}")
+        self.i += 1
+        return self.i - 1
+
+    def get_state(self):
+        return {"next": self.i}
+
+
+def test_prefetcher_orders_surfaces_errors_and_joins_on_close():
+    prefetch = trainer.Prefetcher(_Counting(), lambda b: b * 10, size=2)
+    assert [next(prefetch) for _ in range(3)] == [(0, {"next": 1}), (10, {"next": 2}),
+                                                  (20, {"next": 3})]
+    prefetch.close()  # its queue is full: the thread must still end
+    assert not prefetch._thread.is_alive()
+    failing = trainer.Prefetcher(_Counting(fail_at=1), lambda b: b, size=1)
+    assert next(failing) == (0, {"next": 1})
+    with pytest.raises(RuntimeError, match="bad record 1"):
+        next(failing)
+    failing.close()
+    assert not failing._thread.is_alive()
+
+
 def test_batch_not_divisible_by_devices(tmp_path):
     config = _config(tmp_path)
     config.data.batch_size_ct = 6

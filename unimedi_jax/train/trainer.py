@@ -58,15 +58,18 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 batch = next(self._iterator)
-                item = (self._place(batch), self._iterator.get_state())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+                self._offer((self._place(batch), self._iterator.get_state()))
         except BaseException as e:  # surfaced in the training thread
-            self._queue.put(e)
+            self._offer(e)
+
+    def _offer(self, item):
+        """Queues item, giving up once the prefetcher is closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
 
     def __next__(self):
         item = self._queue.get()
@@ -74,8 +77,11 @@ class Prefetcher:
             raise item
         return item
 
-    def close(self):
+    def close(self, timeout: float = 60.0):
+        """Stops the thread and waits for it to finish the batch it is on, so the iterator can
+        be closed afterwards without a read in flight."""
         self._stop.set()
+        self._thread.join(timeout)
 
 
 class _Preemption:
