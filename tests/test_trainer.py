@@ -144,7 +144,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
     workdir, _ = reference
     assert _steps(workdir) == [20, STEPS]
     copy = _damaged_copy(workdir, tmp_path, STEPS)
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")  # whatever verbosity earlier tests left
     trainer.train_and_evaluate(_config(data_dir, eval_at_end=False), str(copy))
     log = caplog.text
     assert f"step {STEPS} in {copy / 'checkpoints' / str(STEPS)} could not be restored" in log
@@ -180,7 +180,7 @@ def test_load_pretrained_of_a_damaged_step(reference, tmp_path, caplog):
                        match=re.escape(f"step {STEPS} in {copy / 'checkpoints' / str(STEPS)} "
                                        "could not be restored")):
         checkpoint.load_pretrained(str(copy), STEPS)
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.WARNING, logger="absl")
     _, params = checkpoint.load_pretrained(str(copy))  # the latest: falls back to step 20
     assert "falling back to step 20" in caplog.text
     for a, b in zip(jax.tree.leaves(params),
