@@ -137,11 +137,11 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
     """The UniMedI loss and its gradient for one step.
 
     params: student params (see `models.unimedi`); teacher: {"vision", "dino_head"};
-    centers: {modality: {"cls": (K,), "patch": (K,)}} (`init_state`); batch: "xray" {image (B2, S, S), input_ids,
-    attention_mask} and/or "ct" {volume (B3, D, H, W), input_ids, attention_mask} (docs/
-    CONTRACTS.md; other keys are ignored), each optionally with TEXT_FEATURES (all sub-batches
-    or none: the locked tower's report features replace running it); rng: a key for this step;
-    step: int scalar.
+    centers: {modality: {"cls": (K,), "patch": (K,)}} (`init_state`); batch: "xray" {image
+    (B2, S, S), input_ids, attention_mask} and/or "ct" {volume (B3, D, H, W), input_ids,
+    attention_mask} (docs/CONTRACTS.md; other keys are ignored), each optionally with
+    TEXT_FEATURES (all sub-batches or none: the locked tower's report features replace running
+    it); rng: a key for this step; step: int scalar.
     Returns (loss, grads with the structure of params, metrics, new centers). The teacher is not
     an argument of the differentiated function: it gets no gradient.
     """
@@ -248,9 +248,8 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
     (loss, (terms, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     new_centers = dict(centers)
     if distilled:
-        # Per modality: each modality's centre follows its own teacher outputs, so one modality
-        # cannot settle on a prototype of its own that a shared centre leaves sharp. Shared:
-        # every centre follows the whole batch (they stay equal).
+        # Per modality: each modality's centre follows its own teacher outputs. Shared (the
+        # default): every centre follows the whole distilled batch, so they stay equal.
         per_modality = sd.get("center_per_modality", False)  # configs saved before the key
         for m in distilled if per_modality else centers:
             new_centers[m] = {
