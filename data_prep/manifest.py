@@ -39,16 +39,6 @@ records.define_flag(flags.DEFINE_enum, "manifest_modality", None, "Which manifes
                     enum_values=list(MODALITIES))
 
 
-def infer_modality(path: Path) -> str | None:
-    """ct for folders and volume files, xray for 2D image files and single DICOM files."""
-    suffix = readers.suffix_of(path)
-    if path.is_dir() or suffix in readers.VOLUME_SUFFIXES:
-        return "ct"
-    if suffix in readers.IMAGE_SUFFIXES + readers.DICOM_SUFFIXES or (path.is_file() and not suffix):
-        return "xray"
-    return None
-
-
 @dataclasses.dataclass
 class ManifestTable:
     """A parsed manifest: (modality, example) pairs, label names, and (modality, bad row)
@@ -82,7 +72,7 @@ def read_manifest(csv_path: str | Path) -> ManifestTable:
             path_text = row.get("path", "").strip()
             path = csv_path.parent / path_text
             given = row.get("modality", "").strip().lower()
-            modality = given if given in MODALITIES else infer_modality(path) if path_text else None
+            modality = given if given in MODALITIES else readers.infer_modality(path) if path_text else None
             problems = _row_problems(row, fields, header, label_names)
             if path_text in first_of:
                 problems.append(f"same path as {first_of[path_text]}")

@@ -17,6 +17,7 @@ Every problem raises FileNotFoundError or ValueError with the file name and what
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import zlib
 from pathlib import Path
@@ -59,14 +60,56 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float
     Returns `(hu, spacing)`: `hu` int16 (D, H, W) in the contract axis order, `spacing` the voxel
     size in mm along (D, H, W) ((1, 1, 1) for slice-image folders, which carry no geometry).
     """
+    hu, spacing, _ = read_volume_layout(path)
+    return hu, spacing
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthLayout:
+    """Where the contract depth axis D (superior -> inferior) lies in the file as stored.
+
+    `axis`: the axis of the file's own voxel array that becomes D (NIfTI/NRRD/MetaImage: the
+    array index order of the file; a DICOM series: axis 2, its slices in order along their
+    normal, as listed in `files`; a folder of slice images: axis 0, the images in the order of
+    the numbers in their names). `reversed`: the native index grows towards the head, so that
+    D = depth - 1 - native index. `shape`: the (D, H, W) read. `files`: the file of each native
+    slice of a folder (empty for a single file).
+    """
+
+    axis: int
+    reversed: bool
+    shape: tuple[int, int, int]
+    files: tuple[str, ...] = ()
+
+    @property
+    def depth(self) -> int:
+        return self.shape[0]
+
+    def native_range(self, start: int, stop: int, stored_depth: int) -> tuple[int, int]:
+        """Native slices [a, b) along `axis` behind slices [start, stop) of this volume resized
+        along D to `stored_depth` by `resize` (pixel centres aligned: resized slice j covers D
+        coordinates [j, j + 1) * depth / stored_depth)."""
+        if not 0 <= start < stop <= stored_depth:
+            raise ValueError(f"slices [{start}, {stop}) lie outside 0..{stored_depth}")
+        n = self.depth
+        lo, hi = start * n // stored_depth, -(-stop * n // stored_depth)  # floor, ceil
+        return (n - hi, n - lo) if self.reversed else (lo, hi)
+
+
+def read_volume_layout(path: str | Path
+                       ) -> tuple[np.ndarray, tuple[float, float, float], DepthLayout]:
+    """`read_volume` plus the `DepthLayout` that maps D back to the file's own slices."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    files: list[Path] = []
     if path.is_dir():
         files = _folder_files(path)
         if files and all(suffix_of(f) in IMAGE_SUFFIXES for f in files):
-            return _read_slice_images(path, files), (1.0, 1.0, 1.0)
-        data, affine = _load_dicom_series(path, files)
+            files = _slice_image_order(files)
+            hu = _read_slice_images(path, files)
+            return hu, (1.0, 1.0, 1.0), DepthLayout(0, False, hu.shape, tuple(map(str, files)))
+        data, affine, files = _load_dicom_series(path, files)
     else:
         loaders = {".nii": _load_nifti, ".nii.gz": _load_nifti, ".nrrd": _load_nrrd,
                    ".nhdr": _load_nrrd, ".mhd": _load_metaimage, ".mha": _load_metaimage}
@@ -75,18 +118,26 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float
             raise ValueError(f"{path}: unsupported volume format {suffix_of(path)!r}; expected one "
                              f"of {', '.join(VOLUME_SUFFIXES)} or a DICOM series folder")
         data, affine = loader(path)
-    return _to_contract_axes(data, affine, path)
+    hu, spacing, (axis, towards_head) = _to_contract_axes(data, affine, path)
+    return hu, spacing, DepthLayout(axis, towards_head, hu.shape, tuple(map(str, files)))
 
 
 def _to_contract_axes(data: np.ndarray, affine: np.ndarray, path: Path):
-    """Checks a volume in voxel order (i, j, k) with a voxel->RAS affine; returns (hu, spacing)."""
+    """Checks a volume in voxel order (i, j, k) with a voxel->RAS affine.
+
+    Returns (hu, spacing, (axis, towards_head)): the voxel axis that becomes D, and whether its
+    index grows towards the head (then D runs against it).
+    """
     data = _checked_array(data, path, ndim=3, what="3D volume")
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     ras = np.asarray(canonical.dataobj)  # axes point to Right, Anterior, Superior
     dhw = ras.transpose(2, 1, 0)[::-1, ::-1, ::-1]  # (S->I, A->P, R->L)
     spacing = nib.affines.voxel_sizes(canonical.affine)[::-1]
     hu = np.clip(np.rint(dhw), _INT16.min, _INT16.max).astype(np.int16)
-    return hu, tuple(float(s) for s in spacing)
+    # Row i: (RAS axis, +-1) of voxel axis i, the orientation as_closest_canonical applies.
+    orientation = nib.orientations.io_orientation(affine)
+    axis = int(np.flatnonzero(orientation[:, 0] == 2)[0])
+    return hu, tuple(float(s) for s in spacing), (axis, bool(orientation[axis, 1] > 0))
 
 
 def _checked_array(data: np.ndarray, path: Path, ndim: int, what: str) -> np.ndarray:
@@ -219,7 +270,10 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def _load_dicom_series(folder: Path, files: list[Path]):
-    """Stacks one DICOM series, sorted along the slice normal; returns (data, voxel->RAS)."""
+    """Stacks one DICOM series, sorted along the slice normal.
+
+    Returns (data, voxel->RAS affine, the files in stacking order: data[:, :, n] is files[n]).
+    """
     if not files:
         raise ValueError(f"{folder}: empty folder, expected a DICOM series or slice images")
     slices = [_read_dicom(f) for f in files]
@@ -252,7 +306,7 @@ def _load_dicom_series(folder: Path, files: list[Path]):
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = (along_row * col_step, along_col * row_step,
                                                       step, positions[0])
-    return data, np.diag([*_LPS_TO_RAS, 1.0]) @ lps
+    return data, np.diag([*_LPS_TO_RAS, 1.0]) @ lps, [files[i] for i in order]
 
 
 def _read_dicom(path: Path) -> pydicom.Dataset:
@@ -281,6 +335,14 @@ def _dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     return pixels.astype(np.float32) * slope + intercept
 
 
+def _slice_image_order(files: list[Path]) -> list[Path]:
+    """Slice images ordered by the last number in their names (then by name)."""
+    def number(p: Path):
+        digits = re.findall(r"\d+", p.stem)
+        return (int(digits[-1]) if digits else -1, p.name)
+    return sorted(files, key=number)
+
+
 def _read_slice_images(folder: Path, files: list[Path],
                        hu_window=DEFAULT_SLICE_IMAGE_HU_WINDOW) -> np.ndarray:
     """Stacks 8-bit axial slice images into int16 HU (D, H, W).
@@ -289,10 +351,7 @@ def _read_slice_images(folder: Path, files: list[Path],
     their file names, each in radiological display orientation (anterior up, the patient's right
     on the image's left), which is already the contract's (H, W) order.
     """
-    def number(p: Path):
-        digits = re.findall(r"\d+", p.stem)
-        return (int(digits[-1]) if digits else -1, p.name)
-    slices = [_read_pillow(f) for f in sorted(files, key=number)]
+    slices = [_read_pillow(f) for f in _slice_image_order(files)]
     shapes = sorted({s.shape for s in slices})
     if len(shapes) > 1:
         raise ValueError(f"{folder}: slice images differ in size: {shapes}")
@@ -403,3 +462,35 @@ def pad_resize_xray(image: np.ndarray, size: int = 256, *, order: int = 1) -> np
     resized = np.rint(np.clip(resize(image, shape, order=order), 0, 255)).astype(np.uint8)
     pad = [(d // 2, d - d // 2) for d in (size - shape[0], size - shape[1])]
     return np.pad(resized, pad)
+
+
+# ----------------------------------------------------------------------------- stored forms
+# The one path from a file to its stored form: the data builders (data_prep/records.py) and
+# file-level inference (unimedi_jax/scans.py) both call these, so the two cannot drift apart.
+
+
+def infer_modality(path: str | Path) -> str | None:
+    """"ct" for folders and volume files, "xray" for 2D image files and single DICOM files
+    (also files without a suffix); None when the file type does not tell."""
+    path = Path(path)
+    suffix = suffix_of(path)
+    if path.is_dir() or suffix in VOLUME_SUFFIXES:
+        return "ct"
+    if suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES or (path.is_file() and not suffix):
+        return "xray"
+    return None
+
+
+def stored_ct(path: str | Path, size, *, window=DEFAULT_HU_WINDOW
+              ) -> tuple[np.ndarray, DepthLayout]:
+    """A CT file in its stored form: int16 HU (D, H, W) = `size`, read in the contract axis
+    order, clipped to `window` and resized (`resample_volume`); with the file's `DepthLayout`."""
+    hu, _, layout = read_volume_layout(path)
+    return resample_volume(hu, size, window=window), layout
+
+
+def stored_xray(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An X-ray file in its stored form: uint8 (size, size) (`pad_resize_xray`); with the
+    (H, W) of the image read."""
+    image = read_xray(path)
+    return pad_resize_xray(image, size), image.shape

@@ -148,21 +148,21 @@ def boxes_to_mask(boxes, shape) -> np.ndarray:
 def encode(example: Example, spec: RecordSpec) -> dict:
     """Reads, resizes and packs one example into a record of `spec`'s features."""
     if spec.modality == "ct":
-        hu, _ = readers.read_volume(example.path)
-        record = {"volume": readers.resample_volume(hu, spec.size, window=spec.hu_window)}
+        volume, layout = readers.stored_ct(example.path, spec.size, window=spec.hu_window)
+        record = {"volume": volume}
         if spec.mask:
             label_map, _ = readers.read_volume(example.mask_path)
-            if label_map.shape != hu.shape or label_map.min() < 0 or label_map.max() > 255:
+            if label_map.shape != layout.shape or label_map.min() < 0 or label_map.max() > 255:
                 raise ValueError(f"{example.mask_path}: label map of shape {label_map.shape} and "
                                  f"range {label_map.min()}..{label_map.max()} does not fit "
-                                 f"{example.path} of shape {hu.shape} with classes 0..255")
+                                 f"{example.path} of shape {layout.shape} with classes 0..255")
             record["mask"] = readers.resample_volume(label_map, spec.size, window=None,
                                                      order=0).astype(np.uint8)
     else:
-        image = readers.read_xray(example.path)
-        record = {"image": readers.pad_resize_xray(image, spec.size[0])}
+        image, shape = readers.stored_xray(example.path, spec.size[0])
+        record = {"image": image}
         if spec.mask:
-            record["mask"] = readers.pad_resize_xray(boxes_to_mask(example.boxes, image.shape),
+            record["mask"] = readers.pad_resize_xray(boxes_to_mask(example.boxes, shape),
                                                      spec.size[0], order=0)
     labels = np.asarray(example.labels, np.float32).reshape(-1)
     if labels.shape != (spec.num_labels,):

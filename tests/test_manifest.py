@@ -108,9 +108,9 @@ def test_modality_column_and_inference(tmp_path, files):
                           [["xr/a.png", "Normal.", "XRAY"]])
     builder = manifest.make_builder(tmp_path / "out", manifest=str(only_xray), xray_size=16)
     assert builder.modality == "xray" and builder.info.metadata["label_names"] == []
-    assert manifest.infer_modality(files / "ct" / "c") == "ct"
-    assert manifest.infer_modality(files / "xr" / "b.dcm") == "xray"
-    assert manifest.infer_modality(files / "notes.txt") is None
+    assert readers.infer_modality(files / "ct" / "c") == "ct"
+    assert readers.infer_modality(files / "xr" / "b.dcm") == "xray"
+    assert readers.infer_modality(files / "notes.txt") is None
 
 
 def test_every_bad_row_is_listed_and_nothing_is_written(tmp_path, files):
