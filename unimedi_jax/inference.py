@@ -15,6 +15,12 @@ CT embeddings follow the run's training form: with slice selection on (`objectiv
 mode` not "none") a volume is encoded as `[CLS, 3D tokens, 2D tokens of its top-k slices]`,
 the k slices chosen by this encoder's own CLS attention (Eq. 1-2; `select_slices`). Pass
 `slices=0` to encode the volume alone.
+
+Files go in through `read` and the `*_files` methods, which preprocess them as the run's data
+builders and evaluation pipeline did (`unimedi_jax.scans`, `Encoder.recipe`):
+
+    z = enc.embed_files(["scan.nii.gz", "dicom_series/", "cxr.png"])   # (3, proj_dim)
+    slabs = enc.select_slices_file("scan.nii.gz", k=4)    # slice ranges of the original file
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimedi_jax import scans
 from unimedi_jax.data import text as text_lib
+from unimedi_jax.eval import zero_shot as zero_shot_lib
 from unimedi_jax.models import bert
 from unimedi_jax.models.layers import l2_normalize
 from unimedi_jax.models.unimedi import UniMedI
@@ -138,6 +146,7 @@ class Encoder:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.config = config
         self.params = jax.device_put(params)
         self.max_length = int(config.model.text.max_length)
         sel = config.objective.selection
@@ -268,3 +277,61 @@ class Encoder:
         _, indices, scores = self._batched(_choose_slices, x, k=self._check_k(k, x.shape[1], "k"),
                                           mode=self.slice_mode, layers=self.slice_layers)
         return (indices[0], scores[0]) if single else (indices, scores)
+
+    # ---------------- files ----------------
+
+    @functools.cached_property
+    def recipe(self) -> scans.Recipe:
+        """The run's file preprocessing: its stored sizes and HU window, this model's sizes."""
+        return scans.Recipe.from_config(self.config, self.image_size, self.volume_size)
+
+    def read(self, path: str | os.PathLike, modality: str | None = None
+             ) -> tuple[str, np.ndarray]:
+        """(modality, model input) of a CT or X-ray file, preprocessed as the run's data
+        (`scans.read`); `modality` None: told by the file type."""
+        return scans.read(path, self.recipe, modality)
+
+    def embed_inputs(self, inputs: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+        """(modality, model input) pairs, as `read` gives -> embeddings (N, proj_dim), in order."""
+        if not inputs:
+            raise ValueError("embed_inputs got no inputs")
+        parts = {}
+        for modality, embed in (("xray", self.embed_xray), ("ct", self.embed_ct)):
+            rows = [i for i, (m, _) in enumerate(inputs) if m == modality]
+            if rows:
+                parts[modality] = (rows, embed(np.stack([inputs[i][1] for i in rows])))
+        unknown = sorted({m for m, _ in inputs} - set(parts))
+        if unknown:
+            raise ValueError(f"embed_inputs: unknown modalities {unknown}; expected ct, xray")
+        out = np.empty((len(inputs), next(iter(parts.values()))[1].shape[1]), np.float32)
+        for rows, emb in parts.values():
+            out[rows] = emb
+        return out
+
+    def embed_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """CT and X-ray files (any mix) -> embeddings (N, proj_dim), in the order given."""
+        return self.embed_inputs([self.read(p) for p in paths])
+
+    def score_findings(self, embeddings, prompts) -> np.ndarray:
+        """Zero-shot scores (N, F) of image embeddings (N, proj_dim) for F findings.
+
+        prompts: {finding: (positives, negatives)}, each side a sentence or a tuple of
+        sentences (a prompt ensemble, configs/prompts.py); columns in the order of the keys.
+        A score is the cosine with the mean positive embedding minus that with the mean
+        negative one, as the run's zero-shot evaluation (`eval.zero_shot`).
+        """
+        _, positive, negative = zero_shot_lib.prompt_embeddings(self.model, self.params, prompts,
+                                                                self.max_length)
+        return zero_shot_lib.prompt_scores(embeddings, positive, negative).astype(np.float32)
+
+    def zero_shot_files(self, paths: Sequence[str | os.PathLike], prompts) -> np.ndarray:
+        """Zero-shot scores (N, F) of files for the findings of `prompts` (`score_findings`)."""
+        return self.score_findings(self.embed_files(paths), prompts)
+
+    def select_slices_file(self, path: str | os.PathLike, k: int) -> list[scans.NativeSlab]:
+        """The top-k slabs of a CT file (`select_slices`), best first, as slice ranges of the
+        original file: native indices along its own voxel axis (`scans.NativeSlab`)."""
+        volume, layout = scans.read_ct_layout(path, self.recipe)
+        slabs, scores = self.select_slices(volume, k)
+        return scans.native_slabs(layout, self.recipe, slabs, scores[slabs],
+                                  self.model.vit.patch_size_3d[0])
