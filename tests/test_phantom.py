@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_prep import build
+from data_prep import phantom as phantom_builder
 from unimedi_jax.data import phantom
 
 DEFAULT = phantom.PhantomOptions()
@@ -383,7 +384,19 @@ TINY_BUILD = dict(num_train=3, num_validation=2, num_test=1, volume_size=(8, 16,
                   image_size=16, xray_render_size=12, xray_depth_samples=8, seed=4)
 
 
-def test_builder_writes_splits_that_read_back(tmp_path):
+def test_generate_names_the_modality():
+    for modality, generate in (("ct", phantom.generate_ct), ("xray", phantom.generate_xray)):
+        a, b = phantom.generate(modality, 3, 2, TINY), generate(3, 2, TINY)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="'mri'"):
+        phantom.generate("mri", 3, 2, TINY)
+
+
+def test_builder_writes_splits_that_read_back(tmp_path, monkeypatch):
+    # The 3-example train splits are generated in worker processes, the others in this one.
+    monkeypatch.setattr(phantom_builder, "PARALLEL_MIN_EXAMPLES", 3)
     ct, xray = build.build_dataset("phantom", tmp_path, **TINY_BUILD)
     opts = dataclasses.replace(TINY, seed=4)
     for builder, generate, pixels in ((ct, phantom.generate_ct, "volume"),
@@ -424,7 +437,6 @@ def test_interrupted_build_leaves_no_dataset(tmp_path, monkeypatch):
         build.build_dataset("phantom", tmp_path, modality="ct", **TINY_BUILD)
     assert not list(tmp_path.rglob("*.array_record*"))
     assert not list(tmp_path.rglob("dataset_info.json"))
-    from data_prep import phantom as phantom_builder
     builder = phantom_builder.make_builder(tmp_path, modality="ct", **TINY_BUILD)
     assert not builder.is_prepared()
     with pytest.raises(Exception):

@@ -393,8 +393,11 @@ def test_without_self_distillation_only_clip_remains(setup, run):
     assert float(m["loss_vl"]) == pytest.approx(want, rel=1e-4)
     _, _, m_sep, _ = _step_metrics(setup, sd__enabled=False, selection__mode="none",
                                    clip__joint=False)
-    want_sep = (clip_reference(zx, tx, scale) + clip_reference(zc, tc, scale)) / 2
-    assert float(m_sep["loss_vl"]) == pytest.approx(want_sep, rel=1e-4)
+    want_x, want_c = clip_reference(zx, tx, scale), clip_reference(zc, tc, scale)
+    assert float(m_sep["loss_vl"]) == pytest.approx((want_x + want_c) / 2, rel=1e-4)
+    assert float(m_sep["loss_vl_xray"]) == pytest.approx(want_x, rel=1e-4)
+    assert float(m_sep["loss_vl_ct"]) == pytest.approx(want_c, rel=1e-4)
+    assert "loss_vl_ct" not in m  # one joint matrix has no per-modality term
 
 
 def test_findings_targets_and_mean_pooling(setup):

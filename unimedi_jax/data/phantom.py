@@ -856,3 +856,10 @@ def generate_xray(seed: int, index: int, opts: PhantomOptions) -> dict:
         "image": _radiograph(mu, grid.spacing[1], noise_rng, opts),
         "mask": _nearest(mask3d.max(axis=1), opts.image_size),
     }
+
+
+def generate(modality: str, seed: int, index: int, opts: PhantomOptions) -> dict:
+    """Record `index` of the `modality` ("ct" | "xray") stream of split seed `seed`."""
+    if modality not in ("ct", "xray"):
+        raise ValueError(f"phantom: modality {modality!r} is not 'ct' or 'xray'")
+    return (generate_ct if modality == "ct" else generate_xray)(seed, index, opts)

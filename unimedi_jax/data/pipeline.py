@@ -66,8 +66,7 @@ class ProceduralPhantomSource:
         index = int(index)
         if not 0 <= index < self.length:
             raise IndexError(f"{self!r}: index {index} out of range")
-        generate = phantom.generate_xray if self.modality == "xray" else phantom.generate_ct
-        return generate(self.seed, index, self.opts)
+        return phantom.generate(self.modality, self.seed, index, self.opts)
 
     def __repr__(self) -> str:
         return f"ProceduralPhantomSource({self.modality!r}, seed={self.seed}, length={self.length})"

@@ -21,7 +21,8 @@ both and stands for the pair; it is paired with the volume's report (which the s
 This is the paper's §3.3 ("all tokens are concatenated and processed together by E_v ... the
 loss is applied to image [CLS] tokens"), and keeps the pairing one-to-one, so no report appears
 twice as its own negative. With `objective.clip.joint` X-rays and CTs share one similarity matrix
-(B2 + B3 pairs); otherwise each modality has its own and the loss is their mean.
+(B2 + B3 pairs); otherwise each modality has its own (metric `loss_vl_<modality>`) and the loss
+is their mean.
 
 Every reduction is over the global arrays, so under `jax.jit` with a batch sharded on the mesh
 the CLIP negatives, loss means and DINO centres span the global batch.
@@ -220,13 +221,14 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
         z_img = jnp.concatenate([model.project_image(p, encoded[k][0]) for k in kinds], axis=0)
         scale = logit_scale(p, obj.clip)
         if obj.clip.joint:
-            l_vl = vl_loss(z_img, z_txt, scale, labels)
+            l_vl, per_kind = vl_loss(z_img, z_txt, scale, labels), {}
         else:
             bounds = [0, *itertools.accumulate(sizes)]
-            l_vl = sum(vl_loss(z_img[a:b], z_txt[a:b], scale,
-                               None if labels is None else labels[a:b])
-                       for a, b in zip(bounds[:-1], bounds[1:])) / len(kinds)
-        terms = {"loss_vl": l_vl}
+            per_kind = {f"loss_vl_{k}": vl_loss(z_img[a:b], z_txt[a:b], scale,
+                                               None if labels is None else labels[a:b])
+                        for k, a, b in zip(kinds, bounds[:-1], bounds[1:])}
+            l_vl = sum(per_kind.values()) / len(kinds)
+        terms = {"loss_vl": l_vl, **per_kind}  # and loss_vl_<modality> per matrix
         if distilled:
             s_logits = {k: model.dino(p, _with_cls(encoded[k][0], encoded[k][1]["tokens"]))
                         for k in distilled}
