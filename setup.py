@@ -47,6 +47,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["unimedi_jax", "unimedi_jax.*", "data_prep", "data_prep.*", "configs"]),
+    # The bundled pretrained checkpoints (unimedi_jax/models/bundle.py).
+    package_data={"unimedi_jax": ["assets/*.safetensors", "assets/*.json"]},
     install_requires=RUNTIME,
     extras_require=EXTRAS,
 )

@@ -37,7 +37,7 @@ import numpy as np
 from unimedi_jax import scans
 from unimedi_jax.data import text as text_lib
 from unimedi_jax.eval import zero_shot as zero_shot_lib
-from unimedi_jax.models import bert
+from unimedi_jax.models import bert, bundle
 from unimedi_jax.models.layers import l2_normalize
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective import selection
@@ -77,7 +77,14 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
 
 def load(workdir_or_checkpoint: str | os.PathLike, step: int | None = None,
          batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
-    """The Encoder of a pretraining workdir's checkpoint (latest unless `step` or a step folder)."""
+    """The Encoder of a pretraining workdir's checkpoint (latest unless `step` or a step folder),
+    or of a bundled checkpoint by name (`models.bundle.names()`, e.g. "phantom-default")."""
+    if bundle.is_name(workdir_or_checkpoint):
+        if step is not None:
+            raise ValueError(f"step={step}: a bundled checkpoint ({workdir_or_checkpoint!r}) "
+                             "holds one step")
+        loaded = bundle.read(os.fspath(workdir_or_checkpoint))
+        return Encoder.from_params(loaded.config, loaded.params, batch_size)
     workdir, step = resolve_checkpoint(workdir_or_checkpoint, step)
     config = checkpoint.load_config(str(workdir))
     if "model" not in config:
