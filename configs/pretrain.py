@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.vit = ml_collections.ConfigDict(dict(
         variant="",                     # "mu" | "Ti/16" | "S/16" | "B/16"; sizes below win if > 0
-        width=128, depth=4, num_heads=4, mlp_dim=512,  # DESIGN §6 prototype: width 128, depth 4
+        width=128, depth=4, num_heads=4, mlp_dim=512,  # DESIGN §6.4 prototype: width 128, depth 4
         patch_size=16,                  # paper/DESIGN §2: 16x16 2D patches
         patch_size_3d=(4, 16, 16),      # DESIGN §2: (4,16,16) over (D,H,W)
         image_size=64,                  # CPU: 64x64 X-ray crops (paper: 224)
@@ -120,7 +120,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # ---------------- data (DESIGN §6) ----------------
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = "~/.cache/unimedi_jax/data"  # built here on first use
-    c.data.procedural = False           # DESIGN §6: the stored training split (the locked text
+    c.data.procedural = False           # DESIGN §6.3: the stored training split (the locked text
                                         #   tower then runs once per report); True: unlimited
                                         #   pairs generated in the training process
     # Stored phantom splits (data_prep/phantom.py defaults: CT 1000/200/200, X-ray 2000/400/400)
