@@ -24,6 +24,7 @@ from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective.step import MODALITIES, TEXT_FEATURES
 
 ENCODE_BATCH = 64  # reports per jitted forward of the tower
+LENGTH_BUCKET = 16  # encoded lengths are multiples of this: few shapes to compile
 
 
 def enabled(config) -> bool:
@@ -49,7 +50,10 @@ class ReportCache:
     def build(cls, model: UniMedI, text_params: dict, tokenizer, reports: Iterable[str],
               max_length: int, batch_size: int = ENCODE_BATCH) -> ReportCache:
         """Tokenises `reports` (to max_length, as the pipeline does) and encodes each distinct
-        token sequence once with `model.encode_text` (jitted, fixed batches, the last padded: `eval.features.apply_batched`)."""
+        token sequence once with `model.encode_text` (jitted, fixed batches, the last padded:
+        `eval.features.apply_batched`). Sequences go shortest first, each batch cut to its
+        longest report rounded up to LENGTH_BUCKET tokens: the padding they drop is masked out
+        of attention and pooling, so the features are those of the full length."""
         reports = list(reports)
         if not reports:
             raise ValueError("report cache: no reports to encode")
@@ -59,13 +63,22 @@ class ReportCache:
                       for key in ("input_ids", "attention_mask"))
         unique, first = np.unique(ids, axis=0, return_index=True)
         mask = masks[first]
+        order = np.argsort(mask.sum(axis=1), kind="stable")
         encode = jax.jit(lambda p, b: {"features": model.encode_text(
             {"text": p}, b["input_ids"], b["attention_mask"])})
-        batches = ((features.pad_batch({"input_ids": unique[i:i + batch_size],
-                                        "attention_mask": mask[i:i + batch_size]}, batch_size),
-                    min(batch_size, len(unique) - i)) for i in range(0, len(unique), batch_size))
-        table = features.apply_batched(encode, jax.device_put(text_params), batches)
-        table = table["features"].astype(np.float32)
+
+        def batches():
+            for i in range(0, len(order), batch_size):
+                rows = order[i:i + batch_size]
+                length = int(mask[rows].sum(axis=1).max())
+                length = min(max_length, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
+                batch = {"input_ids": unique[rows, :length],
+                         "attention_mask": mask[rows, :length]}
+                yield features.pad_batch(batch, batch_size), len(rows)
+
+        encoded = features.apply_batched(encode, jax.device_put(text_params), batches())
+        table = np.empty(encoded["features"].shape, np.float32)
+        table[order] = encoded["features"]  # back to the rows of `unique`
         return cls({row.tobytes(): n for n, row in enumerate(unique)}, table, max_length)
 
     def lookup(self, input_ids: np.ndarray, name: str = "batch") -> np.ndarray:
