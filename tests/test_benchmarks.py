@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
-from benchmarks import common
+from benchmarks import common, retrieval_bound
 
 FAST_XLA = "--xla_backend_optimization_level=0"
 RUNS = {
@@ -131,3 +131,17 @@ def test_hlo_collective_bytes_of_a_sum_and_a_gather():
     ring = 3 / 4
     assert common.hlo_collective_bytes(summed, 4)["all-reduce"] == 2 * ring * 4 * 1000
     assert common.hlo_collective_bytes(gathered, 4)["all-gather"] == ring * 4 * 8 * 1000
+
+
+def test_retrieval_bounds_of_planted_label_sets():
+    # Label sets (0,0) x2, (1,0), (0,1) x2, (1,1); the encoder knows column 1.
+    labels = np.array([[0, 0], [0, 0], [1, 0], [0, 1], [0, 1], [1, 1]])
+    got = retrieval_bound.bounds(labels, [1])
+    # Each half (column 1 = 0 / 1) has 3 reports, 2 of the common set: hits 2/3, 2/3, 1/3 each.
+    assert got["knows_uniform"] == pytest.approx(5 / 9)
+    assert got["knows_mode"] == pytest.approx(4 / 6)
+    assert got["baseline"] == pytest.approx(2 / 6)  # tie of two sets of 2: the first
+    blind = retrieval_bound.bounds(labels, [])
+    assert blind["knows_uniform"] == pytest.approx((4 + 1 + 4 + 1) / 36)
+    assert blind["knows_mode"] == pytest.approx(2 / 6)
+    assert retrieval_bound.bounds(labels, [0, 1])["knows_uniform"] == 1.0
