@@ -72,7 +72,8 @@ def read_manifest(csv_path: str | Path) -> ManifestTable:
             path_text = row.get("path", "").strip()
             path = csv_path.parent / path_text
             given = row.get("modality", "").strip().lower()
-            modality = given if given in MODALITIES else readers.infer_modality(path) if path_text else None
+            modality = (given if given in MODALITIES
+                        else readers.infer_modality(path) if path_text else None)
             problems = _row_problems(row, fields, header, label_names)
             if path_text in first_of:
                 problems.append(f"same path as {first_of[path_text]}")

@@ -109,7 +109,7 @@ def embed_all(enc: inference.Encoder, inputs: Sequence[Input], skipped: list[str
             try:
                 batch.append(enc.read(item.path, item.modality))
                 paths.append(item.path)
-            except (FileNotFoundError, ValueError) as e:
+            except (OSError, ValueError) as e:  # readers' errors; permissions
                 message = _skip(str(e), item.path)
                 if strict:
                     raise UserError(f"{message} (--strict: nothing written)") from e
