@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
+from test_losses import clip_reference  # noqa: E402  (tests/ is on the path)
 from unimedi_jax.data import text
 from unimedi_jax.eval import features, metrics, pretrain_eval, retrieval, selection_eval
 from unimedi_jax.models import bert
@@ -81,6 +82,7 @@ def test_retrieval_metrics_planted():
 # ---------------------------------------------------------------- pretraining evaluation
 
 DEPTH, SIDE, PATCH_DEPTH = 8, 32, 2
+SCALE = 5.0  # the planted run's CLIP logit multiplier
 FINDING_HU, NORMAL_HU = 500, -500
 
 
@@ -162,7 +164,10 @@ def _expected(records, train, config, k):
     rows = truth.any(1)
     groups = metrics.group_ids(labels)
     top_group = np.bincount(groups).argmax()
+    batch = config.data.batch_size_ct
     return {
+        "clip_loss_ct": np.mean([clip_reference(image[i:i + batch], ids[i:i + batch], SCALE)
+                                 for i in range(0, len(image) - batch + 1, batch)]),
         "retrieval_r1_ct": metrics.recall_at_k(sim, np.eye(len(sim), dtype=bool), (1,))[1],
         "retrieval_r1_findings_ct": metrics.recall_at_k(sim, same, (1,))[1],
         "retrieval_r1_findings_baseline_ct": np.mean(groups == top_group),
@@ -179,9 +184,11 @@ def test_evaluate_planted(monkeypatch):
     config.objective.selection.k = 2
     config.eval.update(max_examples=13, batch_size=4)  # 13 = 3 full batches + 1 padded
     config.eval.prompts = {}  # two planted labels, no finding names: no zero-shot
+    config.data.batch_size_ct = 4  # the validation CLIP loss over 3 batches of 4
     val, train = _records(20, 0), _records(12, 1)
     monkeypatch.setattr(pretrain_eval.UniMedI, "from_config", lambda c: FakeModel())
-    got = pretrain_eval.evaluate({"scale": jnp.float32(2.0)}, config, val, None, train)
+    params = {"scale": jnp.float32(2.0), "logit_scale": jnp.float32(np.log(SCALE))}
+    got = pretrain_eval.evaluate(params, config, val, None, train)
     expected = _expected(val[:13], train, config, 2)
     assert got["slice_precision"] == 1.0  # attention planted on the finding slabs
     for key, value in expected.items():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from unimedi_jax.eval import metrics
+from test_losses import clip_reference  # noqa: E402  (tests/ is on the path)
+from unimedi_jax.eval import metrics, pretrain_eval
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -178,7 +179,6 @@ def test_effective_rank_extremes():
 def test_embedding_collapse_is_measured_within_each_modality():
     """Two modalities, each collapsed onto its own direction: pooled they look spread out
     (mean cosine about 0), but the summary (the mean of the per-modality values) says 1."""
-    from unimedi_jax.eval import pretrain_eval
     rng = np.random.default_rng(0)
     ct = np.tile(np.array([1.0, 0.0, 0.0]), (20, 1)) + 1e-9 * rng.normal(size=(20, 3))
     xray = np.tile(np.array([-1.0, 0.0, 0.0]), (20, 1)) + 1e-9 * rng.normal(size=(20, 3))
@@ -188,3 +188,13 @@ def test_embedding_collapse_is_measured_within_each_modality():
                                 out["image_embedding_mean_cosine_ct"]], 1.0, atol=1e-9)
     np.testing.assert_allclose(out["image_embedding_effective_rank"],
                                np.mean([metrics.effective_rank(ct), metrics.effective_rank(xray)]))
+
+
+def test_validation_clip_loss_is_the_mean_over_training_sized_batches():
+    rng = np.random.default_rng(1)
+    image, text = rng.normal(size=(11, 6)), rng.normal(size=(11, 6))
+    got = pretrain_eval.clip_loss_batched(image.astype(np.float32), text.astype(np.float32),
+                                          7.0, 4)
+    want = np.mean([clip_reference(image[i:i + 4], text[i:i + 4], 7.0) for i in (0, 4)])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.isnan(pretrain_eval.clip_loss_batched(image, text, 7.0, 12))

@@ -18,6 +18,10 @@
 - zero_shot_auroc_<finding>: zero-shot AUROC of `config.eval.prompts` (`zero_shot`) over the
   split's CTs and X-rays together; zero_shot_mean_auroc: their mean over the defined ones;
   zero_shot_mean_auroc_{ct,xray}: the mean per modality.
+- clip_loss_{ct,xray}: the CLIP loss of the validation pairs, in consecutive batches of the
+  modality's training batch size (`data.batch_size_<m>`; a last partial batch is left out) at
+  the run's logit scale: beside the training metric `loss_vl_<m>` it tells memorising pairs
+  (training far below) from not learning them (both near the uniform log(batch size)).
 - image_embedding_mean_cosine_{ct,xray}: mean pairwise cosine of a modality's image embeddings
   (1 = collapsed), image_embedding_effective_rank_{ct,xray}: their RankMe effective rank; the
   keys without a modality are the mean over the modalities.
@@ -28,10 +32,13 @@ need `train_ct` and CT records with `slice_has_finding`.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from unimedi_jax.eval import features, metrics, retrieval, selection_eval, zero_shot
 from unimedi_jax.models.unimedi import UniMedI
+from unimedi_jax.objective import losses
+from unimedi_jax.objective.step import logit_scale
 
 CROP = {"ct": lambda c: c.data.ct.crop_size, "xray": lambda c: c.data.xray.crop_size}
 
@@ -65,6 +72,10 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
             results[key] = float(np.mean(values))
     if embedded:
         results.update(embedding_metrics({m: g["image"] for m, g in embedded.items()}))
+        scale = float(logit_scale(params, config.objective.clip))
+        results.update({f"clip_loss_{m}": clip_loss_batched(
+            g["image"], g["text"], scale, config.data[f"batch_size_{m}"])
+            for m, g in embedded.items()})
         if ev.get("prompts"):
             results.update(zero_shot_metrics(model, params, config, embedded))
     if slabs is not None and train_ct is not None:
@@ -90,6 +101,20 @@ def embedding_metrics(images: dict[str, np.ndarray]) -> dict[str, float]:
         out.update({f"image_embedding_{name}_{m}": v for m, v in values.items()})
         out[f"image_embedding_{name}"] = float(np.mean(list(values.values())))
     return out
+
+
+def clip_loss_batched(image: np.ndarray, text: np.ndarray, scale: float, batch_size: int
+                      ) -> float:
+    """Mean CLIP loss (`losses.clip_loss`) over consecutive batches of `batch_size` pairs of
+    image, text (N, P); a last partial batch is left out (nan when N < batch_size)."""
+    batches = len(image) // batch_size if batch_size > 0 else 0
+    if batches == 0:
+        return float("nan")
+    cut = batches * batch_size
+    shape = (batches, batch_size, -1)
+    per_batch = jax.vmap(losses.clip_loss, in_axes=(0, 0, None))(
+        np.reshape(image[:cut], shape), np.reshape(text[:cut], shape), scale)
+    return float(np.mean(per_batch))
 
 
 def zero_shot_metrics(model, params: dict, config, embedded: dict[str, dict]) -> dict[str, float]:
