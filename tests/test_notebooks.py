@@ -1,28 +1,36 @@
 """The Colab notebooks (colab/*.ipynb) run top to bottom on the phantom and draw their figures.
 
-One tiny encoder (configs/pretrain.py:test) is pretrained once for every notebook, also under
-pytest-xdist (a file lock shares it between workers); each notebook runs in a fresh python3
-kernel with WORKDIR, DATA_DIR and smaller sizes injected after its "parameters" cell.
+They run on their default encoder, the bundled checkpoint (no pretraining here). The phantom is
+built once for every notebook, also under pytest-xdist (a file lock shares it between workers);
+each notebook runs in a fresh python3 kernel with DATA_DIR and smaller sizes injected after its
+"parameters" cell. The Colab install cell is run with a stand-in for Colab and for `!pip`.
 """
 
 import base64
 import io
 import os
+import sys
+import types
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 from filelock import FileLock
+from IPython.core.inputtransformer2 import TransformerManager
 from nbclient import NotebookClient
 from PIL import Image
+
+from unimedi_jax.data import pipeline
+from unimedi_jax.models import bundle
 
 COLAB = Path(__file__).resolve().parents[1] / "colab"
 NOTEBOOKS = ("probing", "slice_selection", "retrieval", "embedding_space")
 KERNEL = "python3"  # the kernelspec of the environment running the tests (ipykernel)
-CELL_TIMEOUT_S = 300  # the pretraining-free cells take seconds; a stuck kernel fails the test
+CELL_TIMEOUT_S = 300  # every cell takes seconds; a stuck kernel fails the test
+ENCODER = "phantom-default"  # the notebooks' default WORKDIR: the bundled checkpoint
 # Smaller than the notebooks' defaults (200/100/200); the same for all, so one build serves them.
-SPLITS = dict(num_train=48, num_validation=32, num_test=48)
+SPLITS = dict(num_train=48, num_validation=32, num_test=32)  # one eval batch of 32
 OVERRIDES = {"embedding_space": dict(NUM_PER_MODALITY=32), "retrieval": dict(TOP_K=4)}
 MIN_FIGURE_PX = 300  # every figure is at least this wide and high
 
@@ -32,23 +40,21 @@ def _read(name: str):
 
 
 @pytest.fixture(scope="session")
-def pretrained(tmp_path_factory):
-    """(workdir, data_dir) of a tiny pretraining run, made once per test session."""
+def data_dir(tmp_path_factory):
+    """The phantom at the bundled encoder's stored sizes with SPLITS, built once per session."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's folder, shared by its xdist workers
-    workdir, data_dir = root / "notebooks_pretrain", root / "notebooks_data"
-    done = root / "notebooks_pretrain.done"
-    with FileLock(str(root / "notebooks_pretrain.lock")):
+    data_dir, done = root / "notebooks_data", root / "notebooks_data.done"
+    with FileLock(str(root / "notebooks_data.lock")):
         if not done.exists():
-            from configs import pretrain
-            from unimedi_jax.train import trainer
-
-            config = pretrain.get_config("test")
-            config.data.data_dir = str(data_dir)
-            trainer.train_and_evaluate(config, str(workdir))
+            config = bundle.read_config(ENCODER)
+            for modality in ("ct", "xray"):
+                pipeline.open_source("phantom", modality, "test", data_dir=str(data_dir),
+                                     stored_size=config.data[modality].stored_size,
+                                     options=SPLITS)
             done.touch()
-    return workdir, data_dir
+    return data_dir
 
 
 def _inject(nb, params: dict) -> None:
@@ -78,18 +84,17 @@ def test_committed_notebook_is_clean(name):
     assert all(not c.outputs and c.execution_count is None for c in code), "outputs not cleared"
     install = code[0].source
     assert '"google.colab" in sys.modules' in install and "pip install" in install
+    assert "git+" not in install and "YOUR-ORG" not in install  # no placeholder, no network
     params = next(c.source for c in code if "parameters" in c.metadata.get("tags", []))
-    assert 'WORKDIR = ""' in params and "DATA_DIR =" in params
+    assert f'WORKDIR = "{ENCODER}"' in params and "DATA_DIR =" in params
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= len(code) - 1, "explain each step"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_and_draws(name, pretrained, tmp_path, monkeypatch):
-    workdir, data_dir = pretrained
+def test_notebook_runs_and_draws(name, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")  # the kernel inherits it; the notebook plots inline
     nb = _read(name)
-    _inject(nb, dict(WORKDIR=str(workdir), DATA_DIR=str(data_dir), PHANTOM_SPLITS=SPLITS,
-                     **OVERRIDES.get(name, {})))
+    _inject(nb, dict(DATA_DIR=str(data_dir), PHANTOM_SPLITS=SPLITS, **OVERRIDES.get(name, {})))
     # Raises CellExecutionError, with the cell and its traceback, when a cell fails.
     NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -100,3 +105,41 @@ def test_notebook_runs_and_draws(name, pretrained, tmp_path, monkeypatch):
     assert image[..., :3].std() > 0, "blank figure"
     if os.environ.get("UNIMEDI_NOTEBOOK_FIGURES"):  # a folder to keep the figures in
         Image.fromarray(image).save(Path(os.environ["UNIMEDI_NOTEBOOK_FIGURES"]) / f"{name}.png")
+
+
+class _FakeIPython:
+    """Records the shell commands (`!...`) a cell runs, {expressions} expanded as IPython does
+    (from the calling cell's names)."""
+
+    def __init__(self):
+        self.commands = []
+
+    def system(self, command):
+        self.commands.append(command.format(**sys._getframe(1).f_globals))
+
+
+def _run_install_cell(name, monkeypatch, source=""):
+    """Runs the notebook's install cell as on Colab; returns the shell commands it ran."""
+    code = TransformerManager().transform_cell(next(
+        c.source for c in _read(name).cells if c.cell_type == "code"))
+    code = code.replace('SOURCE = ""', f"SOURCE = {source!r}", 1)
+    shell = _FakeIPython()
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    exec(compile(code, f"{name}.ipynb:install", "exec"), {"get_ipython": lambda: shell})
+    return shell.commands
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_install_cell_installs_the_uploaded_source(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Colab's working folder, where uploads land
+    with pytest.raises(FileNotFoundError, match=r"no unimedi-jax source in .*upload the "
+                                                r"repository folder, or an archive"):
+        _run_install_cell(name, monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"no unimedi-jax source in /no/such\.zip"):
+        _run_install_cell(name, monkeypatch, source="/no/such.zip")
+    (tmp_path / "unimedi-jax").mkdir()
+    (tmp_path / "unimedi-jax" / "setup.py").write_text("")
+    assert _run_install_cell(name, monkeypatch) == [f'pip install -q "{tmp_path}/unimedi-jax"']
+    (tmp_path / "unimedi-jax.zip").write_bytes(b"")
+    archive = _run_install_cell(name, monkeypatch, source=str(tmp_path / "unimedi-jax.zip"))
+    assert archive == [f'pip install -q "{tmp_path}/unimedi-jax.zip"']

@@ -10,7 +10,8 @@ gets `modality=data.modality`) and read as `builder.as_data_source(split)`. For 
 split (`data.validation_from_train`); `data.max_examples` caps each split.
 
 Encoder (`config.init_from`): a pretraining workdir (its "params" = the student, or the EMA
-"teacher" with `config.init_params`), with the model built from that workdir's config; empty
+"teacher" with `config.init_params`), or the name of a bundled checkpoint (its student,
+`models.bundle`), with the model built from that run's config; empty
 means a randomly initialised encoder of `config.model` (the baseline), text weights from the
 text checkpoint as pretraining starts. results.json says which (`init`).
 """
@@ -32,6 +33,7 @@ from absl import logging
 from unimedi_jax import files
 from unimedi_jax.data import phantom
 from unimedi_jax.eval import features
+from unimedi_jax.models import bundle
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.train import checkpoint
 
@@ -195,7 +197,16 @@ def load_model(config, with_text: bool) -> Loaded:
     hold "vision" (and the heads when pretrained).
     """
     which = config.init_params
-    if config.init_from:
+    if config.init_from and bundle.is_name(config.init_from):
+        if which != "params":
+            raise ValueError(f"config.init_params={which!r}: the bundled checkpoint "
+                             f"{config.init_from!r} holds the student only; use 'params'")
+        loaded = bundle.read(config.init_from)
+        model_cfg, params = loaded.config, loaded.params
+        info = {"init": "pretrained", "init_from": config.init_from,
+                "init_step": loaded.meta["step"], "init_params": which}
+        model = UniMedI.from_config(model_cfg)
+    elif config.init_from:
         checkpoint.load_config(config.init_from)  # a clear error when it is not a workdir
         ckpt = checkpoint.Checkpointer(config.init_from, max_to_keep=None, asynchronous=False)
         step = ckpt.latest_step()
