@@ -37,6 +37,7 @@ from configs import pretrain, pretrain_vitb16
 from unimedi_jax.models import bert
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective import masking
+from unimedi_jax.objective import step as step_lib
 
 # emilyalsentzer/Bio_ClinicalBERT config.json (DESIGN §3): cased BERT-base vocabulary.
 BIOCLINICALBERT = bert.BertConfig(vocab_size=28996, hidden_size=768, num_hidden_layers=12,
@@ -311,19 +312,14 @@ class Tokens(NamedTuple):
     embed_flops: float
 
 
-def distilled(config, kind: str) -> bool:
-    """Whether the step masks and distils modality `kind` (objective.sd.enabled, .modalities)."""
-    sd = config.objective.sd
-    return bool(sd.enabled) and kind in tuple(sd.get("modalities", ("xray", "ct")))
-
-
 def token_counts(model: UniMedI, config) -> dict[str, Tokens]:
     """Per modality ("xray", "ct") the token counts of the step (CT: volume + k slices); the
     student sees all of them in a modality that is not distilled."""
     v, obj = model.vit, config.objective
     if obj.masking.style != "drop" and obj.sd.enabled:
         raise NotImplementedError("the benchmark counts the `drop` masking style only")
-    masked = {k: distilled(config, k) for k in ("xray", "ct")}
+    distilled = step_lib.distilled_modalities(config, ("xray", "ct"))
+    masked = {k: k in distilled for k in ("xray", "ct")}
     n_xray = (config.data.xray.crop_size // v.patch_size) ** 2
     volume = tuple(config.data.ct.crop_size)
     n3 = math.prod(s // p for s, p in zip(volume, v.patch_size_3d))
@@ -365,15 +361,16 @@ def step_flops(model: UniMedI, config) -> dict[str, float]:
         n = 1 + math.prod(s // p for s, p in zip(config.data.ct.crop_size, v.patch_size_3d))
         parts["teacher_selection"] = b3 * ((depth - 1) * vit_block_flops(n, w, mlp)
                                            + _dense(n, w, 3 * w) + attn_rows(n))
+    distilled = step_lib.distilled_modalities(config, ("xray", "ct"))
     for kind, tok in token_counts(model, config).items():
         b = samples[kind]
         if not b:
             continue
-        if distilled(config, kind):
+        if kind in distilled:
             parts[f"teacher_{kind}"] = b * (tok.embed_flops + blocks(1 + tok.full)
                                             + attn_rows(1 + tok.full) + head(1 + tok.full))
         student = blocks(1 + tok.kept) + _dense(1, w, config.model.proj_dim)
-        if distilled(config, kind):
+        if kind in distilled:
             student += head(1 + tok.kept)
         parts[f"student_{kind}"] = b * (2 * tok.embed_flops + 3 * student)
 

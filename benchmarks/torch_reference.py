@@ -19,7 +19,8 @@ per step
 `TorchStep(model, config, params)` copies the weights of a JAX state, so both steps start from
 the same point and their losses can be compared. Implemented: selection `attentive` or `none`,
 masking `attentive` + `drop`, joint or per-modality CLIP with pair targets, [CLS] or mean
-report pooling; anything else raises.
+report pooling; anything else raises. Which sub-batches are distilled is read from the config by
+the step's own `distilled_modalities` (it only interprets config); every loss is computed here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from unimedi_jax.models import bert
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective import masking, schedules
 from unimedi_jax.objective.optim import NO_DECAY_NAMES
+from unimedi_jax.objective.step import distilled_modalities
 
 L2_EPS = 1e-12  # torch.nn.functional.normalize default, as the JAX losses and heads
 ADAM_EPS = 1e-8  # optax.adamw default
@@ -375,7 +377,7 @@ class TorchStep:
         """(loss, cls targets (B, K), per-sample patch means (B, K)) of one step."""
         obj, sd = self.obj, self.obj.sd
         kinds = [k for k in ("xray", "ct") if k in batch]
-        distilled = [k for k in kinds if sd.enabled and k in tuple(sd.modalities)]
+        distilled = distilled_modalities(self.config, kinds)
         inputs, targets = {}, {}
         with torch.no_grad():
             for kind in kinds:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,18 @@ def logit_scale(params: dict, clip_cfg) -> Array:
     if clip_cfg.learnable:
         return jnp.exp(jnp.minimum(params["logit_scale"], math.log(clip_cfg.max_logit_scale)))
     return jnp.asarray(1.0 / clip_cfg.temperature, jnp.float32)
+
+
+def distilled_modalities(config, present: Sequence[str]) -> list[str]:
+    """The modalities of `present` (sub-batch names, in their order) that the step masks and
+    distils: those in `objective.sd.modalities` when `objective.sd.enabled`, else none
+    (docs/DESIGN.md §4.5). Raises ValueError for a configured name not in MODALITIES."""
+    sd = config.objective.sd
+    modalities = tuple(sd.get("modalities", MODALITIES))  # configs saved before the key
+    if not set(modalities) <= set(MODALITIES):
+        raise ValueError(f"objective.sd.modalities={modalities!r}: each must be one of "
+                         f"{MODALITIES}")
+    return [k for k in present if k in modalities] if sd.enabled else []
 
 
 def _normalized_entropy(p: Array) -> Array:
@@ -171,12 +183,8 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
             raise ValueError(f"batch[{k!r}][{TEXT_FEATURES!r}] has shape {shape}, expected "
                              f"({n}, {width}): one text-tower feature per report")
 
-    sd_modalities = tuple(sd.get("modalities", MODALITIES))  # configs saved before the key
-    if not set(sd_modalities) <= set(MODALITIES):
-        raise ValueError(f"objective.sd.modalities={sd_modalities!r}: each must be one of "
-                         f"{MODALITIES}")
     # The sub-batches that are masked and distilled; the others enter the student whole.
-    distilled = [k for k in kinds if k in sd_modalities] if sd.enabled else []
+    distilled = distilled_modalities(config, kinds)
 
     metrics, targets, inputs = {}, {}, {}
     for i, kind in enumerate(kinds):
