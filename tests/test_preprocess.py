@@ -124,6 +124,24 @@ def test_random_crop_and_flip_are_windows_of_the_normalised_input(modality, stor
     assert len(seen) == 2 * n_offsets
 
 
+@pytest.mark.parametrize("jitter", [0, 1, 3])
+def test_crop_jitter_bounds_the_offsets_around_the_centre_crop(jitter):
+    raw = np.random.default_rng(5).permutation(12 * 12).reshape(12, 12).astype(np.uint8)
+    options = transforms.AugmentOptions(crop_jitter=jitter)
+    augment = transforms.RandomAugment("xray", (6, 6), options)
+    seen = set()
+    for seed in range(200):
+        out = augment.random_map({"image": raw}, np.random.default_rng(seed))["image"]
+        (offsets, _), = _find_window(out, preprocess.normalize_xray(raw), (6, 6))
+        seen.add(offsets)
+    # The centre crop starts at (3, 3); every offset within `jitter` of it per axis occurs.
+    expected = {(3 + i, 3 + j) for i in range(-jitter, jitter + 1)
+                for j in range(-jitter, jitter + 1)}
+    assert seen == expected
+    with pytest.raises(ValueError, match="Invalid augmentation"):
+        transforms.AugmentOptions(crop_jitter=-1)
+
+
 def test_flip_equals_np_flip_and_no_flip_by_default():
     raw = np.random.default_rng(4).integers(-1000, 1000, (3, 4, 5)).astype(np.int16)
     flip = transforms.RandomAugment("ct", raw.shape, transforms.AugmentOptions(flip_prob=1.0))

@@ -59,11 +59,14 @@ class AugmentOptions:
     scale_range: tuple[float, float] = (1.0, 1.0)  # in-plane magnification factor range
     intensity_scale: float = 0.0  # normalised intensities times a gain in [1 - a, 1 + a]
     intensity_shift: float = 0.0  # plus an offset in [-b, b] (normalised units)
+    crop_jitter: int | None = None  # crop offsets at most this many voxels from the centre
+                                    #   crop's, per axis (None: anywhere; 0: the centre crop)
 
     def __post_init__(self):
         lo, hi = self.scale_range
         if not (0.0 <= self.flip_prob <= 1.0 and self.max_rotation_deg >= 0 and 0 < lo <= hi
-                and 0 <= self.intensity_scale < 1 and self.intensity_shift >= 0):
+                and 0 <= self.intensity_scale < 1 and self.intensity_shift >= 0
+                and (self.crop_jitter is None or self.crop_jitter >= 0)):
             raise ValueError(f"Invalid augmentation options {self}")
 
 
@@ -131,8 +134,8 @@ def _with_geometry(element: dict, m: Modality, image: np.ndarray, offsets, size,
 class RandomAugment(grain.transforms.RandomMap):
     """Training view: record with stored image/volume -> normalised float32 random crop.
 
-    Draws, in order: crop offsets (uniform over every valid start), flip, angle, scale, gain,
-    offset. The image field becomes float32 `crop_size`; other fields pass through.
+    Draws, in order: crop offsets (uniform over every valid start, or within `crop_jitter` of
+    the centre crop's), flip, angle, scale, gain, offset. The image field becomes float32 `crop_size`; other fields pass through.
     """
 
     def __init__(self, modality_name: str, crop_size, options: AugmentOptions | None = None):
@@ -145,7 +148,11 @@ class RandomAugment(grain.transforms.RandomMap):
         raw = element[m.key]
         if any(c > s for s, c in zip(raw.shape, size)):
             raise ValueError(f"Cannot crop {size} out of {m.key!r} of shape {raw.shape}")
-        offsets = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(raw.shape, size))
+        centre, jitter = preprocess.center_offsets(raw.shape, size), o.crop_jitter
+        offsets = tuple(
+            int(rng.integers(0, s - c + 1)) if jitter is None
+            else int(rng.integers(max(0, z - jitter), min(s - c, z + jitter) + 1))
+            for s, c, z in zip(raw.shape, size, centre))
         geometry = dict(
             flip=bool(rng.random() < o.flip_prob),
             angle_deg=float(rng.uniform(-o.max_rotation_deg, o.max_rotation_deg)),
