@@ -20,9 +20,12 @@ import platform
 import tempfile
 import time
 
+import tensorflow_datasets as tfds
 from absl import app, flags
 
+from data_prep import build
 from unimedi_jax.data import phantom, pipeline
+from unimedi_jax.models import bert
 
 # Stored and crop sizes: "default" is configs/pretrain.py's, "paper" is DESIGN.md's
 # (X-ray 256 stored, 224 crop; CT 32x128x128), "tiny" is for quick checks.
@@ -76,8 +79,6 @@ def time_pipeline(source, modality: str, crop, workers: int, tokenizer: str) -> 
 
 
 def bench_size(name: str, data_dir: str, tokenizer: str) -> dict:
-    from data_prep import build
-
     preset = SIZES[name]
     opts = phantom.PhantomOptions(image_size=preset["image_size"],
                                   volume_size=preset["volume_size"])
@@ -105,10 +106,6 @@ def bench_size(name: str, data_dir: str, tokenizer: str) -> dict:
 
 def main(argv):
     del argv
-    import tensorflow_datasets as tfds
-
-    from unimedi_jax.models import bert
-
     tfds.disable_progress_bar()
 
     unknown = sorted(set(_SIZES.value) - set(SIZES))

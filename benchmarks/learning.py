@@ -64,14 +64,25 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
+from tqdm.auto import tqdm
 
+from configs import linear_probe_2d, linear_probe_3d
 from unimedi_jax import files
+from unimedi_jax.data import pipeline
+from unimedi_jax.eval import features, linear_probe, losses, metrics, pretrain_eval, tasks
+from unimedi_jax.models.unimedi import UniMedI
+from unimedi_jax.objective import optim
+from unimedi_jax.objective import step as step_lib
+from unimedi_jax.train import checkpoint
+from unimedi_jax.train import sharding as shd
+from unimedi_jax.train import trainer, validation, writers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,8 +184,6 @@ def arm_config(config, arm: str, seed: int):
 def initial_params(cfg) -> dict:
     """The trainer's initial student params (host numpy) for cfg.seed: the random arm, and the
     start of every other arm (trainer.train_and_evaluate derives init_rng the same way)."""
-    from unimedi_jax.objective import step as step_lib
-
     setup = step_lib.make_setup(cfg)
     init_rng, _ = jax.random.split(jax.random.key(cfg.seed))
     state = jax.jit(setup.init)(init_rng, setup.text_params)
@@ -184,8 +193,6 @@ def initial_params(cfg) -> dict:
 def supervised_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW of config.optim as pretraining uses it (`optim.make_optimizer` without its text
     and logit-scale freezing): clipping, warm-up + cosine schedule, decay mask."""
-    from unimedi_jax.objective import optim
-
     return optim.adamw_chain(cfg)
 
 
@@ -193,8 +200,6 @@ def supervised_loss_fn(vit, heads: dict):
     """(params {"vision", "heads": {m: Dense}}, batch {m: {"image" (B, H, W) | "volume"
     (B, D, H, W), "labels" (B, L_m)}}) -> (mean over modalities of the masked sigmoid
     cross-entropy, {"loss_<m>"})."""
-    from unimedi_jax.eval import features, losses
-
     def loss_fn(params, batch):
         terms = {}
         for m, sub in batch.items():
@@ -211,15 +216,6 @@ def train_supervised(cfg, data, workdir: str, params: dict) -> dict:
     labels of the pretraining arms' training stream (`pipeline.make_mixed`, without tokenising
     the reports) for cfg.total_steps steps, one jitted step over the config's mesh; writes
     WORKDIR/metrics.jsonl (afresh). Returns params with the trained "vision"."""
-    import flax.linen as nn
-    from tqdm.auto import tqdm
-
-    from unimedi_jax.data import pipeline
-    from unimedi_jax.eval import features
-    from unimedi_jax.models.unimedi import UniMedI
-    from unimedi_jax.train import sharding as shd
-    from unimedi_jax.train import trainer, validation, writers
-
     mesh = shd.make_mesh(cfg.mesh)
     validation.check_batch_divisible(cfg, shd.data_parallel_size(mesh))
     vit = UniMedI.from_config(cfg).vit
@@ -270,8 +266,6 @@ def train_supervised(cfg, data, workdir: str, params: dict) -> dict:
 
 def pretrain(cfg, workdir: str) -> dict:
     """Pretrains one arm (resuming from its checkpoint) and returns the final student params."""
-    from unimedi_jax.train import checkpoint, trainer
-
     trainer.train_and_evaluate(cfg, workdir)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=None, asynchronous=False)
     step = ckpt.latest_step()
@@ -295,8 +289,6 @@ def label_names(source, count: int) -> list[str]:
 def probe_config(cfg, modality: str, seed: int, probing: Probing):
     """configs/linear_probe_{2d,3d}.py's probe (optimiser, example caps) with `probing`'s
     overrides, on the pretraining data's crop, dataset name and evaluation batch size."""
-    from configs import linear_probe_2d, linear_probe_3d
-
     probe = (linear_probe_2d if modality == "xray" else linear_probe_3d).get_config()
     probe.seed = seed
     probe.optim.lr = probing.lr or probe.optim.lr
@@ -312,9 +304,6 @@ def probe_metrics(cfg, data, params: dict, modality: str, probing: Probing,
     """Linear probes on the frozen backbone [CLS] of one modality: features of each split
     extracted once, a probe per label fraction scored on the test split, and the collapse of
     the test features. Returns (metrics, label names)."""
-    from unimedi_jax.eval import features, linear_probe, metrics, tasks
-    from unimedi_jax.models.unimedi import UniMedI
-
     probe = probe_config(cfg, modality, seed, probing)
     sources = {s: features.head(data.source(modality, s), probe.data.max_examples[s])
                for s in SPLITS}
@@ -343,8 +332,6 @@ def probe_metrics(cfg, data, params: dict, modality: str, probing: Probing,
 
 def measure(arm: str, cfg, data, params: dict, probing: Probing) -> dict:
     """Every test-split metric of one arm's params (see the module docstring)."""
-    from unimedi_jax.eval import pretrain_eval
-
     out, names = {}, {}
     for modality in MODALITIES:
         if cfg.data[f"batch_size_{modality}"]:
@@ -357,18 +344,16 @@ def measure(arm: str, cfg, data, params: dict, probing: Probing) -> dict:
     return {"metrics": _finite_or_none(out), "labels": names}
 
 
-def _finite_or_none(metrics: dict) -> dict:
-    return {k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()
+def _finite_or_none(values: dict) -> dict:
+    return {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()
             if np.ndim(v) == 0}
 
 
 def run_arm(config, arm: str, seed: int, probing: Probing, workdir: str) -> dict:
     """Trains (unless random) and measures one arm; writes and returns its ladder_arm.json."""
-    from unimedi_jax.data import pipeline
-
     cfg = arm_config(config, arm, seed)
     os.makedirs(workdir, exist_ok=True)
-    data = pipeline.make_pretrain_data(cfg)
+    data = pipeline.make_pretrain_data(cfg, UniMedI.from_config(cfg).text_checkpoint)
     start = time.perf_counter()
     if arm in OBJECTIVES:
         params = pretrain(cfg, workdir)
@@ -456,8 +441,6 @@ def targets(summary: dict, labels: dict, fractions: Sequence[float]) -> dict:
 
 def read_curves(workdir: str, arms: Sequence[str], seeds: Sequence[int]) -> dict:
     """{arm: {seed: metrics.jsonl rows}} of the arms that trained."""
-    from unimedi_jax.train import writers
-
     out = {}
     for arm in arms:
         for seed in seeds:
@@ -703,8 +686,7 @@ def main(argv):
                           _FLAGS["probe_lr"].value, _FLAGS["probe_epochs"].value)
     except ValueError as error:
         raise app.UsageError(str(error))
-    from unimedi_jax.train import sharding
-    sharding.compile_cpu_collectives_afresh()
+    shd.compile_cpu_collectives_afresh()
     start = time.perf_counter()
     workdir = _FLAGS["workdir"].value
     ladder = run_ladder(_FLAGS["config"].value, arms, seeds, probing, workdir)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from benchmarks.train_step import SEED, JaxStep
 from unimedi_jax.models.unimedi import TEACHER_KEYS
 from unimedi_jax.objective import step as step_lib
 from unimedi_jax.objective.optim import trainable_mask
@@ -92,8 +93,6 @@ def comm_bytes(params: dict, config, num_devices: int, mode: str) -> dict[str, f
 
 def worker(num_devices: int, mode: str, preset: str, steps: int) -> dict:
     """Runs in a process with `num_devices` simulated devices: compile and time the step."""
-    from benchmarks.train_step import SEED, JaxStep
-
     if len(jax.devices()) != num_devices:
         raise RuntimeError(f"expected {num_devices} devices, jax sees {len(jax.devices())} "
                            "(XLA_FLAGS must be set before jax starts)")

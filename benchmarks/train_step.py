@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from unimedi_jax.models.vit import Block
 from unimedi_jax.objective import step as step_lib
 from unimedi_jax.train import sharding as shd
 
@@ -130,8 +131,6 @@ def block_breakdown(vit, batch: int, tokens: int, repeats: int, torch_too: bool
     random cotangent (a constant one would let XLA simplify the weight-gradient matmuls away).
     JAX: models/vit.Block and jax.nn.dot_product_attention; with `torch_too` also timm's Block
     and PyTorch's scaled_dot_product_attention ("... (torch)")."""
-    from unimedi_jax.models.vit import Block
-
     d, m, h = vit.width, vit.mlp_dim, vit.num_heads
     flops = {"block": common.vit_block_flops(tokens, d, m),
              "dense layers": 2.0 * tokens * d * (4 * d + 2 * m),
@@ -234,7 +233,7 @@ def main(argv=None) -> dict:
 
     runners = {"jax": lambda: jax_step.step(batch)}
     if args.compare_torch:
-        from benchmarks import torch_reference
+        from benchmarks import torch_reference  # here: PyTorch and timm, for this flag only
         params0 = jax.device_get(jax_step.state["params"])  # before the donated steps
     _warm_up(runners["jax"], "jax", result)
     if args.compare_torch:

@@ -34,7 +34,7 @@ def get_base(task: str, modality: str) -> ml_collections.ConfigDict:
         crop_size=crop,                 # as pretraining: centre crop of the stored size
         labels=(),                      # label names used; () = all of the dataset's
         procedural=False,               # phantom: generate records on the fly, no build
-        # build_dataset options; None = the dataset's default (phantom: data_prep/phantom.py
+        # build_dataset options; None = the dataset's default (phantom: data/phantom.py
         # DEFAULT_EXAMPLES, the same build as pretraining's)
         build_options=dict(num_train=None, num_validation=None, num_test=None),
         max_examples=dict(train=0, validation=0, test=0),  # first n of each split; 0 = all

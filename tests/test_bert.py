@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from unimedi_jax.data import text
 from unimedi_jax.models import bert
 
 PARITY_TOL = 1e-4  # max abs difference to Hugging Face on the real checkpoint
@@ -41,7 +42,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def minilm():
     folder = bert.default_checkpoint()
-    tokenizer = bert.load_tokenizer(folder)
+    tokenizer = text.load_tokenizer(folder)
     batch = tokenizer(REPORTS, padding=True, return_tensors="np")
     hf = transformers.BertModel.from_pretrained(folder, local_files_only=True).eval()
     return folder, tokenizer, batch, hf
@@ -126,7 +127,7 @@ def test_minilm_save_pretrained_roundtrip(minilm, tmp_path):
     assert reloaded.state_dict().keys() == original.keys()
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, original[key]), key
-    again = bert.load_tokenizer(tmp_path)(REPORTS, padding=True, return_tensors="np")
+    again = text.load_tokenizer(tmp_path)(REPORTS, padding=True, return_tensors="np")
     np.testing.assert_array_equal(again["input_ids"], batch["input_ids"])
 
 
@@ -297,7 +298,7 @@ def test_missing_folder_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"ckpt.*{bert.SAFETENSORS_NAME}.*{bert.TORCH_NAME}"):
         bert.from_pretrained(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="ckpt.*tokenizer.json"):
-        bert.load_tokenizer(tmp_path / "ckpt")
+        text.load_tokenizer(tmp_path / "ckpt")
 
 
 def test_bad_config_and_weights(tmp_path):

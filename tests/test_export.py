@@ -18,6 +18,7 @@ from test_inference import random_params, save_workdir, tiny_run  # noqa: E402
 from unimedi_jax import inference  # noqa: E402
 from unimedi_jax.export import export as export_lib  # noqa: E402
 from unimedi_jax.export import torch_model  # noqa: E402
+from unimedi_jax.data import text as text_lib  # noqa: E402
 from unimedi_jax.models import bert  # noqa: E402
 from unimedi_jax.models import vit as vit_lib  # noqa: E402
 from unimedi_jax.models.unimedi import UniMedI  # noqa: E402
@@ -110,7 +111,7 @@ def _check_text(folder, config, params, texts):
     """Hugging Face BertModel from `folder` vs the JAX text encoder: last_hidden_state."""
     got, info, tok = _hf_text(folder, config, texts)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    ref_tok = bert.load_tokenizer(UniMedI.from_config(config).text_checkpoint)(
+    ref_tok = text_lib.load_tokenizer(UniMedI.from_config(config).text_checkpoint)(
         texts, max_length=config.model.text.max_length, padding="max_length", truncation=True,
         return_tensors="np")
     np.testing.assert_array_equal(tok["input_ids"], ref_tok["input_ids"])

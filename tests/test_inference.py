@@ -12,6 +12,7 @@ import pytest
 
 from configs import pretrain
 from unimedi_jax import inference
+from unimedi_jax.data import text as text_lib
 from unimedi_jax.models import bert
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.train import checkpoint
@@ -116,7 +117,7 @@ def test_matches_direct_model_calls(run, enc, inputs):
     np.testing.assert_allclose(enc.encode_ct(volumes, slices=0), cls, atol=1e-5)
 
     texts = ["No acute findings.", "Small left pleural effusion with basal atelectasis."]
-    tok = bert.load_tokenizer(config.model.text.checkpoint)(
+    tok = text_lib.load_tokenizer(config.model.text.checkpoint)(
         texts, max_length=MAX_LENGTH, padding="max_length", truncation=True, return_tensors="np")
     hidden = jax.jit(model.text.apply)({"params": params["text"]}, tok["input_ids"],
                               tok["attention_mask"])["last_hidden_state"]

@@ -291,9 +291,10 @@ def test_report_wording_varies():
 def test_reports_fit_64_tokens():
     """At most 5% of default reports (CT and X-ray) are longer than the 64 tokens of the CPU
     config's text encoder, with the bundled tokenizer (builder 1.1.0: 19% of validation CT)."""
+    from unimedi_jax.data import text
     from unimedi_jax.models import bert
 
-    tokenizer = bert.load_tokenizer(bert.default_checkpoint())
+    tokenizer = text.load_tokenizer(bert.default_checkpoint())
     reports = [record["report"] for record in _ct_records(60)]
     reports += [phantom.generate_xray(11, index, DEFAULT)["report"] for index in range(150)]
     lengths = np.array([len(ids) for ids in tokenizer(reports)["input_ids"]])

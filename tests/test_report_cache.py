@@ -27,7 +27,7 @@ def minilm():
     c = pretrain.get_config()
     c.model.text.update(num_layers=1, trainable_layers=0, max_length=24)
     model = UniMedI.from_config(c)
-    return model, model.load_text_params(), bert.load_tokenizer(bert.default_checkpoint())
+    return model, model.load_text_params(), text.load_tokenizer(bert.default_checkpoint())
 
 
 def test_enabled_needs_a_locked_tower_and_stored_records():

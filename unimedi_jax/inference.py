@@ -37,7 +37,7 @@ import numpy as np
 from unimedi_jax import scans
 from unimedi_jax.data import text as text_lib
 from unimedi_jax.eval import zero_shot as zero_shot_lib
-from unimedi_jax.models import bert, bundle
+from unimedi_jax.models import bundle
 from unimedi_jax.models.layers import l2_normalize
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective import selection
@@ -170,7 +170,7 @@ class Encoder:
             raise KeyError(f"params lack {missing}; the Encoder needs the student parameters "
                            f"{list(REQUIRED_PARAMS)}")
         model = UniMedI.from_config(config)
-        tokenizer = bert.load_tokenizer(model.text_checkpoint)
+        tokenizer = text_lib.load_tokenizer(model.text_checkpoint)
         return cls(model, jax.tree.map(jnp.asarray, params), tokenizer, config, batch_size)
 
     @property

@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from unimedi_jax.train import checkpoint, sharding, validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -45,7 +48,6 @@ def run(config, workdir: str):
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
     """Joins a multi-process run (call before anything is compiled); CPU processes talk through
     gloo collectives."""
-    import jax
     if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
@@ -58,7 +60,6 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from unimedi_jax.train import checkpoint, sharding, validation
     sharding.compile_cpu_collectives_afresh()
     try:
         run(_CONFIG.value, _WORKDIR.value)

@@ -34,7 +34,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import jax
 import numpy as np
+from absl import flags
 
+from data_prep import build
 from unimedi_jax.data import phantom, preprocess, text, transforms
 
 TEXT_FIELD = "report"
@@ -88,8 +90,6 @@ def open_source(dataset: str, modality: str, split: str, *, data_dir: str, store
     `options` go to the dataset's builder: `PhantomOptions` fields for "phantom", e.g.
     `manifest=PATH` for "manifest". Returns `builder.as_data_source(split)`.
     """
-    from data_prep import build
-
     options = {**(options or {}), **_size_option(dataset, modality, stored_size)}
     if dataset in ("phantom", "manifest"):
         options["modality"] = modality
@@ -197,8 +197,6 @@ def shard(ds: grain.MapDataset, index: int, count: int, name: str) -> grain.MapD
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
     """(index, count) as given, or this process's from JAX when either is None."""
     if index is None or count is None:
-        import jax
-
         return jax.process_index(), jax.process_count()
     return index, count
 
@@ -206,8 +204,6 @@ def _process(index: int | None, count: int | None) -> tuple[int, int]:
 def _parse_absl_flags() -> None:
     # Grain's multiprocess prefetch reads an absl flag, which raises outside an absl app (tests,
     # notebooks) until flags are parsed (google/grain#1355); defaults are what it would read.
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -437,11 +433,10 @@ class PretrainData:
         return self.source("ct", "train") if self.config.data.batch_size_ct else None
 
 
-def make_pretrain_data(config) -> PretrainData:
-    """Prepares the datasets the config names (process 0 builds, the others wait)."""
-    from unimedi_jax.models import bert
-
-    data = PretrainData(config, config.model.text.checkpoint or bert.default_checkpoint())
+def make_pretrain_data(config, tokenizer_folder: str) -> PretrainData:
+    """Prepares the datasets the config names (process 0 builds, the others wait);
+    `tokenizer_folder` is the text checkpoint's (`UniMedI.text_checkpoint`)."""
+    data = PretrainData(config, tokenizer_folder)
     if jax.process_index() == 0:
         for modality in ("ct", "xray"):
             if config.data[f"batch_size_{modality}"]:

@@ -7,13 +7,17 @@ Every report becomes exactly `max_length` tokens (padded to max_length, truncate
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from pathlib import Path
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
 MAX_LENGTH = 112  # DESIGN.md section 3 (MGCA's report length)
+# Either file is enough for the Hugging Face fast BERT tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 # Grain's reader threads share one tokenizer per process; a fast tokenizer must not be called
@@ -23,12 +27,25 @@ MAX_LENGTH = 112  # DESIGN.md section 3 (MGCA's report length)
 _LOCK = threading.Lock()
 
 
+def load_tokenizer(folder: str | os.PathLike):
+    """The Hugging Face fast tokenizer (`PreTrainedTokenizerFast`) stored in `folder`."""
+    import transformers  # imported here: seconds to import, and only loading a tokenizer needs it
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"No tokenizer in {folder}: expected one of "
+                                f"{list(TOKENIZER_FILES)}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if not isinstance(tokenizer, transformers.PreTrainedTokenizerFast):
+        raise TypeError(f"Tokenizer in {folder} is a {type(tokenizer).__name__}, not a fast "
+                        "tokenizer")
+    return tokenizer
+
+
 @functools.lru_cache(maxsize=None)
 def cached_tokenizer(folder: str):
-    """`bert.load_tokenizer(folder)`, loaded once per process (call it holding `_LOCK`)."""
-    from unimedi_jax.models import bert  # imported here: worker processes load it on first use
-
-    return bert.load_tokenizer(folder)
+    """`load_tokenizer(folder)`, loaded once per process (call it holding `_LOCK`)."""
+    return load_tokenizer(folder)
 
 
 def as_text(value: Any) -> str:

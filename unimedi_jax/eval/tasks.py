@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from data_prep import build
 from unimedi_jax import files
-from unimedi_jax.data import phantom
+from unimedi_jax.data import phantom, pipeline
 from unimedi_jax.eval import features
 from unimedi_jax.models import bundle
 from unimedi_jax.models.unimedi import UniMedI
@@ -66,20 +67,14 @@ def open_splits(data_cfg, splits: Sequence[str] = SPLITS) -> tuple[dict, tuple[s
     if data_cfg.name == "phantom":
         options["modality"] = data_cfg.modality
     if data_cfg.get("procedural"):
-        from unimedi_jax.data import pipeline
-
         if data_cfg.name != "phantom":
             raise ValueError(f"config.data.procedural needs the phantom, not {data_cfg.name!r}")
-        from data_prep import phantom as phantom_builder
-
         opts = _phantom_options(options)
-        counts = phantom_builder.DEFAULT_EXAMPLES[data_cfg.modality]
+        counts = phantom.DEFAULT_EXAMPLES[data_cfg.modality]
         sources = {s: pipeline.ProceduralPhantomSource(
             data_cfg.modality, phantom.split_seed(opts.seed, s), opts,
             length=options.get(f"num_{s}", counts[s])) for s in splits}
         return _limit(sources, data_cfg), tuple(phantom.LABEL_NAMES)
-    from data_prep import build
-
     data_dir = os.path.expanduser(data_cfg.data_dir)
     manual_dir = os.path.expanduser(data_cfg.manual_dir) if data_cfg.get("manual_dir") else None
     builder = build.build_dataset(data_cfg.name, data_dir, manual_dir, **options)
@@ -129,8 +124,6 @@ def split_batches(config, sources: dict, split: str, fields=("labels",)):
 def train_batches(config, source, rows, with_mask: bool = False) -> Iterator[dict]:
     """Endless shuffled, augmented batches of `config.optim.batch_size` records source[rows]
     (`pipeline.make_dataset(train=True)`, seeded by config.seed, in this process)."""
-    from unimedi_jax.data import pipeline
-
     return iter(pipeline.make_dataset(
         features.Subset(source, rows), modality=config.data.modality,
         batch_size=config.optim.batch_size, train=True, crop_size=config.data.crop_size,

