@@ -127,7 +127,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # serve training (`split`), evaluation and the slab-position prior; `options` go to the
     # dataset's builder (e.g. num_train=..., manifest=PATH).
     c.data.xray = ml_collections.ConfigDict(dict(
-        dataset="phantom", split="train", stored_size=72, crop_size=64, options={}))
+        dataset="phantom", split="train", stored_size=72, crop_size=64, options={},
+        # CPU: the centre crop, unaugmented: 64 pixels are 4x4 patches, and a random crop's
+        # shift of up to half a patch kept the X-ray pairs from being learned (RESULTS.md §6.1;
+        # None = transforms.DEFAULT_AUGMENT, the paper-scale random crop)
+        augment=dict(crop_jitter=0)))
     c.data.ct = ml_collections.ConfigDict(dict(
         dataset="phantom", split="train", stored_size=(32, 64, 64), crop_size=(32, 64, 64),
         options={}))
