@@ -28,12 +28,14 @@ from data_prep import phantom as phantom_builder
 from unimedi_jax.data import phantom
 from unimedi_jax.eval import metrics
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder holding the built phantom.")
-_SPLIT = flags.DEFINE_string("split", "validation", "Split whose reports are retrieved.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 200, "The split's first N of each modality "
-                                     "(configs/pretrain.py eval.max_examples).")
-_LEARNABLE = flags.DEFINE_list("learnable", ["cardiomegaly", "effusion"],
-                               f"Findings the encoder knows, of {list(phantom.LABEL_NAMES)}.")
+def _define_flags() -> None:
+    """The command line's flags, defined when run as a script only (the tests import this)."""
+    flags.DEFINE_string("data_dir", None, "Folder holding the built phantom.")
+    flags.DEFINE_string("split", "validation", "Split whose reports are retrieved.")
+    flags.DEFINE_integer("max_examples", 200, "The split's first N of each modality "
+                         "(configs/pretrain.py eval.max_examples).")
+    flags.DEFINE_list("learnable", ["cardiomegaly", "effusion"],
+                      f"Findings the encoder knows, of {list(phantom.LABEL_NAMES)}.")
 
 
 def bounds(labels: np.ndarray, known: Sequence[int]) -> dict[str, float]:
@@ -56,17 +58,18 @@ def bounds(labels: np.ndarray, known: Sequence[int]) -> dict[str, float]:
 
 def main(argv):
     del argv
-    if not _DATA_DIR.value:
+    f = flags.FLAGS
+    if not f.data_dir:
         raise app.UsageError("--data_dir is required (a folder where the phantom is built)")
     names = list(phantom.LABEL_NAMES)
-    unknown = sorted(set(_LEARNABLE.value) - set(names))
+    unknown = sorted(set(f.learnable) - set(names))
     if unknown:
         raise app.UsageError(f"--learnable: unknown finding(s) {unknown}; known: {names}")
-    known = [names.index(f) for f in _LEARNABLE.value]
+    known = [names.index(name) for name in f.learnable]
     results = {}
-    for builder in phantom_builder.make_builder(_DATA_DIR.value):
-        source = builder.as_data_source(_SPLIT.value)
-        n = min(len(source), _MAX_EXAMPLES.value)
+    for builder in phantom_builder.make_builder(f.data_dir):
+        source = builder.as_data_source(f.split)
+        n = min(len(source), f.max_examples)
         labels = np.stack([source[i]["labels"] for i in range(n)]).astype(np.int64)
         modality = builder.builder_config.modality
         results[modality] = bounds(labels, known)
@@ -74,8 +77,9 @@ def main(argv):
     results["mean"] = {k: float(np.mean([r[k] for r in results.values()]))
                        for k in next(iter(results.values()))}
     print("mean  " + "  ".join(f"{k} {v:.3f}" for k, v in results["mean"].items()))
-    print(json.dumps(dict(results, split=_SPLIT.value, learnable=_LEARNABLE.value)))
+    print(json.dumps(dict(results, split=f.split, learnable=f.learnable)))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

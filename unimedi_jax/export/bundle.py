@@ -152,21 +152,26 @@ def export(workdir: str | os.PathLike, name: str, *, step: int | None = None,
     return assets_dir / weights.name, assets_dir / path.name
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Pretraining workdir, or one of its checkpoints/<step> folders.")
-_NAME = flags.DEFINE_string("name", None, "Bundle name, e.g. phantom-default.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to bundle (default: the latest).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Phantom data folder for the evaluation "
-                                "(default: the run's config.data.data_dir; built when missing).")
-_ASSETS_DIR = flags.DEFINE_string("assets_dir", str(bundle.ASSETS), "Folder to write into.")
+def _define_flags() -> None:
+    """The command line's flags, defined when run as a script only: importing this module (the
+    tests, `export`) leaves the process's flags alone."""
+    flags.DEFINE_string("workdir", None,
+                        "Pretraining workdir, or one of its checkpoints/<step> folders.")
+    flags.DEFINE_string("name", None, "Bundle name, e.g. phantom-default.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to bundle (default: the latest).")
+    flags.DEFINE_string("data_dir", None, "Phantom data folder for the evaluation "
+                        "(default: the run's config.data.data_dir; built when missing).")
+    flags.DEFINE_string("assets_dir", str(bundle.ASSETS), "Folder to write into.")
+    flags.mark_flags_as_required(["workdir", "name"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
     try:
-        weights, meta = export(_WORKDIR.value, _NAME.value, step=_STEP.value,
-                               data_dir=_DATA_DIR.value, assets_dir=_ASSETS_DIR.value)
+        weights, meta = export(f.workdir, f.name, step=f.step, data_dir=f.data_dir,
+                               assets_dir=f.assets_dir)
     except (FileNotFoundError, ExportError,  # a wrong path or name, a run that cannot bundle
             checkpoint.CheckpointRestoreError) as e:  # or a damaged checkpoint
         sys.exit(f"error: {e}")
@@ -174,5 +179,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "name"])
+    _define_flags()
     app.run(main)
