@@ -102,13 +102,7 @@ class BertConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"BERT config {path} does not exist (expected a Hugging Face config.json)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"BERT config {path} is not valid JSON: {e}") from e
-        missing = [k for k in REQUIRED_KEYS if k not in raw]
-        if missing:
-            raise ValueError(f"BERT config {path} lacks required key(s) {missing}")
+        raw = files.read_json(path, REQUIRED_KEYS, what="BERT config")
         checks = {"model_type": "bert", "position_embedding_type": "absolute", "is_decoder": False}
         for key, expected in checks.items():
             if raw.get(key, expected) != expected:

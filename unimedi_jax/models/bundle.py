@@ -134,13 +134,7 @@ def paths(name: str, directory: str | os.PathLike | None = None) -> tuple[Path, 
 def read_meta(name: str, directory: str | os.PathLike | None = None) -> dict:
     """NAME.json, checked for the keys and format version this code reads."""
     _, path = paths(name, directory)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}: not a bundled checkpoint")
+    meta = files.read_json(path, REQUIRED_META, what="bundled checkpoint")
     if meta["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {meta['format_version']}; this code reads "
                          f"{FORMAT_VERSION}")

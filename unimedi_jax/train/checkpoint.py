@@ -8,7 +8,6 @@ missing files) is skipped for the newest one that restores (`Checkpointer.restor
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, TypeVar
 
@@ -189,8 +188,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {workdir} is not a unimedi_jax workdir "
                                 "(expected config.json and checkpoints/ written by training)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(files.read_json(path, what="run config"))
 
 
 def load_pretrained(workdir: str, step: int | None = None, which: str = "params"
