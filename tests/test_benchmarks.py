@@ -5,6 +5,7 @@ single-threaded), with XLA backend optimisation level 0 (the same computation, c
 faster). The HLO parsers are checked in-process on programs with known FLOPs and collectives.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
-from benchmarks import common, retrieval_bound
+from benchmarks import common, retrieval_bound, selection_bound
 
 FAST_XLA = "--xla_backend_optimization_level=0"
 RUNS = {
@@ -31,6 +32,9 @@ RUNS = {
                 "--steps=1"],
 }
 
+
+# Every test here shares the module's runs: one pytest-xdist worker computes them (pytest.ini).
+pytestmark = pytest.mark.xdist_group("benchmark_runs")
 
 @pytest.fixture(scope="module")
 def results() -> dict:
@@ -145,3 +149,36 @@ def test_retrieval_bounds_of_planted_label_sets():
     assert blind["knows_uniform"] == pytest.approx((4 + 1 + 4 + 1) / 36)
     assert blind["knows_mode"] == pytest.approx(2 / 6)
     assert retrieval_bound.bounds(labels, [0, 1])["knows_uniform"] == 1.0
+
+
+def test_selection_bounds_equal_enumerating_every_ranking():
+    """Each bound against brute force: every order of the slabs an encoder cannot tell apart."""
+    rng = np.random.default_rng(0)
+    d, k = 6, 3
+    truth = rng.random((12, d)) < 0.4
+    truth[0] = False  # a volume without a finding slab is skipped
+    known = truth & (rng.random((12, d)) < 0.5)
+    prior = rng.permutation(d)
+    got = selection_bound.bounds(truth, known, k, prior)
+    rows = truth.any(axis=1)
+    knows_random, knows_prior = [], []
+    for t, s in zip(truth[rows], known[rows]):
+        seen, rest = np.flatnonzero(s), np.flatnonzero(~s)
+        hits = [t[np.concatenate([seen, order])[:k]].mean()
+                for order in itertools.permutations(rest)]
+        knows_random.append(np.mean(hits))
+        by_prior = [i for i in prior if s[i]] + [i for i in prior if not s[i]]
+        knows_prior.append(t[by_prior[:k]].mean())
+    assert got["volumes"] == rows.sum()
+    assert got["knows_random"] == pytest.approx(np.mean(knows_random), abs=1e-12)
+    assert got["knows_prior"] == pytest.approx(np.mean(knows_prior), abs=1e-12)
+    assert got["random"] == pytest.approx(truth[rows].mean())
+    assert got["prior"] == pytest.approx(truth[rows][:, prior[:k]].mean())
+    assert got["oracle"] == pytest.approx(np.mean(np.minimum(truth[rows].sum(1), k) / k))
+    # Knowing every finding slab is the oracle; knowing none is random selection.
+    assert selection_bound.bounds(truth, truth, k, prior)["knows_random"] == pytest.approx(
+        got["oracle"])
+    assert selection_bound.bounds(truth, ~truth & truth, k, prior)["knows_random"] == (
+        pytest.approx(got["random"]))
+    with pytest.raises(ValueError, match="subset"):
+        selection_bound.bounds(truth, ~truth, k, prior)
