@@ -87,6 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         joint=False,                    # one similarity matrix per modality: a joint one is
                                         #   solved by modality first and collapses (RESULTS.md)
         targets="pairs",                # "pairs" (CLIP) | "findings" (MedCLIP soft targets)
+        weight=1.0,                     # w_vl; 0 trains without the text bridge (UniMiSS+-style)
     ))
     c.objective.sd = ml_collections.ConfigDict(dict(
         enabled=True,                   # paper §3.4 (Table 7 ablation switch)
@@ -103,6 +104,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         center_momentum=0.9,            # DINO / iBOT
         center_per_modality=False,      # DESIGN §4.5: one centre per modality (CT, X-ray)
         ema_start=0.996, ema_end=1.0,   # DINO: cosine 0.996 -> 1
+    ))
+
+    # The DRR bridge (DESIGN §4.7, "UniMiSS+" = Xie et al. 2024 and its code): a radiograph
+    # rendered in the step from each training CT, paired with it.
+    c.objective.pair = ml_collections.ConfigDict(dict(
+        enabled=False,                  # DESIGN §4.7: off = the UniMedI step, bit for bit
+        weight=1.0,                     # UniMiSS+: weights_drr = 1.0 (w_pair)
+        loss="unimiss",                 # "unimiss" (UniMiSS+: student on the DRR distilled from
+                                        #   the teacher on the CT) | "infonce" (symmetric, CLIP)
+        temperature=0.1,                # "infonce" only: logits cos / 0.1 (MoCo v3, SimCLR)
+        clip=False,                     # the DRR also enters L_vl with its volume's report
+        drr=dict(
+            projection="ap",            # "ap" | "pa" (rays along H; the same under parallel
+                                        #   rays, DESIGN §4.7) | "lateral" (rays along W)
+            ray_length_mm=400.0,        # phantom CT field of view 360-440 mm (data/phantom.py)
+            mu_water=0.0193,            # 1/mm, water at ~70 keV (NIST XCOM; ops/drr.py)
+            window=7.0,                 # attenuation shown white, as the phantom's X-rays
+        ),                              #   (phantom.XRAY_WINDOW: ~360 mm of water)
     ))
 
     # ---------------- optimiser (paper §4.1) ----------------

@@ -13,7 +13,13 @@ Per step, for the X-ray sub-batch (images, k = 1) and the CT sub-batch (volumes)
 3. The student encodes the masked input (a sub-batch that is not distilled enters whole: the
    masking belongs to the masking-and-recovering task of §3.4); the text encoder encodes the
    reports.
-4. L = L_vl + w_icl L_icl + w_pcl L_pcl.
+4. L = w_vl L_vl + w_icl L_icl + w_pcl L_pcl (+ w_pair L_pair, below).
+
+DRR bridge (`objective.pair.enabled`, DESIGN §4.7): each CT of the batch (as augmented) gives a
+radiograph rendered in the step (`pair.drr_inputs`) that the student encodes whole; L_pair ties
+its [CLS] to the CT's ("unimiss": the student's DINO output on the DRR against the teacher's on
+the CT; "infonce": the projected embeddings), and with `objective.pair.clip` the DRR also forms
+its own CLIP matrix with its volume's reports, one more term of the mean L_vl.
 
 CLIP pairing: each sample contributes one image embedding, the projection of its single [CLS].
 For a CT sample the volume and its selected slices form one sequence, so that [CLS] attends to
@@ -39,7 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from unimedi_jax.models.unimedi import UniMedI, teacher_params
-from unimedi_jax.objective import losses, masking, schedules, selection
+from unimedi_jax.objective import losses, masking, pair, schedules, selection
 from unimedi_jax.objective.ema import ema_update
 from unimedi_jax.objective.optim import applied_updates, make_optimizer, trainable_mask
 
@@ -185,6 +191,10 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
 
     # The sub-batches that are masked and distilled; the others enter the student whole.
     distilled = distilled_modalities(config, kinds)
+    pair_cfg = obj.pair if pair.enabled(obj) and "ct" in kinds else None
+    if pair_cfg is not None and pair_cfg.loss not in pair.PAIR_LOSSES:
+        raise ValueError(f"objective.pair.loss={pair_cfg.loss!r}; expected one of "
+                         f"{pair.PAIR_LOSSES}")
 
     metrics, targets, inputs = {}, {}, {}
     for i, kind in enumerate(kinds):
@@ -197,6 +207,16 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
             targets[kind] = _distill_targets(model, teacher, inputs[kind], obj.masking, r_mask)
             inputs[kind] = targets[kind].pop("student_inputs")
             metrics[f"attn_entropy_{kind}"] = targets[kind].pop("attn_entropy")
+
+    if pair_cfg is not None:
+        drr_images = pair.drr_inputs(batch["ct"]["volume"], pair_cfg.drr,
+                                     config.model.vit.image_size)[:, None]
+        if pair_cfg.loss == "unimiss":  # the teacher's output on the full CT input
+            if "ct" in distilled:
+                drr_target = targets["ct"]["cls_target"]
+            else:
+                t_cls, _ = model.encode_image(teacher, **inputs["ct"])
+                drr_target = jax.lax.stop_gradient(model.dino(teacher, t_cls))
 
     sizes = [batch[k]["input_ids"].shape[0] for k in kinds]
     n_distilled = {k: batch[k]["input_ids"].shape[0] for k in distilled}
@@ -228,15 +248,29 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
         encoded = {k: model.encode_image(p, **inputs[k]) for k in kinds}
         z_img = jnp.concatenate([model.project_image(p, encoded[k][0]) for k in kinds], axis=0)
         scale = logit_scale(p, obj.clip)
+        bounds = [0, *itertools.accumulate(sizes)]
+        span = {k: slice(a, b) for k, a, b in zip(kinds, bounds[:-1], bounds[1:])}
+        per_kind = {}
+        if pair_cfg is not None:
+            d_cls, _ = model.encode_image(p, images=drr_images)
+            z_drr = model.project_image(p, d_cls)
+            if pair_cfg.clip:  # the DRR's own matrix with its volume's reports
+                ct = span["ct"]
+                per_kind["loss_vl_drr"] = vl_loss(z_drr, z_txt[ct], scale,
+                                                  None if labels is None else labels[ct])
         if obj.clip.joint:
-            l_vl, per_kind = vl_loss(z_img, z_txt, scale, labels), {}
+            l_vl = vl_loss(z_img, z_txt, scale, labels)
+            if per_kind:
+                l_vl = (l_vl + per_kind["loss_vl_drr"]) / 2
         else:
-            bounds = [0, *itertools.accumulate(sizes)]
-            per_kind = {f"loss_vl_{k}": vl_loss(z_img[a:b], z_txt[a:b], scale,
-                                               None if labels is None else labels[a:b])
-                        for k, a, b in zip(kinds, bounds[:-1], bounds[1:])}
-            l_vl = sum(per_kind.values()) / len(kinds)
+            per_kind = {**{f"loss_vl_{k}": vl_loss(z_img[s], z_txt[s], scale,
+                                                   None if labels is None else labels[s])
+                           for k, s in span.items()}, **per_kind}
+            l_vl = sum(per_kind.values()) / len(per_kind)
         terms = {"loss_vl": l_vl, **per_kind}  # and loss_vl_<modality> per matrix
+        vl_weight = obj.clip.get("weight", 1.0)  # configs saved before the key: 1
+        if vl_weight != 1.0:
+            l_vl = vl_weight * l_vl
         if distilled:
             s_logits = {k: model.dino(p, _with_cls(encoded[k][0], encoded[k][1]["tokens"]))
                         for k in distilled}
@@ -253,6 +287,15 @@ def pretrain_step(params: dict, teacher: dict, centers: dict, batch: dict, rng: 
             loss = l_vl + sd.w_icl * terms["loss_icl"] + sd.w_pcl * terms["loss_pcl"]
         else:
             loss = l_vl
+        if pair_cfg is not None:
+            if pair_cfg.loss == "unimiss":
+                terms["loss_pair"] = pair.unimiss_loss(
+                    model.dino(p, d_cls), drr_target, centers["ct"]["cls"], sd.student_temp,
+                    sd.teacher_temp)
+            else:
+                terms["loss_pair"] = pair.infonce_loss(z_img[span["ct"]], z_drr,
+                                                       pair_cfg.temperature)
+            loss = loss + pair_cfg.weight * terms["loss_pair"]
         return loss, (terms, scale)
 
     (loss, (terms, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -12,10 +12,21 @@ import jax.numpy as jnp
 # radiograph beam (NIST XCOM: 0.193 cm^-1), in 1/mm.
 MU_WATER = 0.0193
 
+# Views of a (..., D, H, W) volume (D cranio-caudal, H antero-posterior, W left-right): the axis
+# the rays run along. Rays are parallel, so AP and PA give the same line integrals (they differ
+# by the magnification of a divergent beam, not modelled; docs/DESIGN.md §4.7).
+RAY_AXES = {"ap": -2, "pa": -2, "lateral": -1}
+
 
 def hu_to_mu(hu, mu_water=MU_WATER, *, xp=jnp):
     """Hounsfield units -> linear attenuation (1/mm): mu = mu_water * (1 + HU / 1000), >= 0."""
     return xp.maximum(mu_water * (1.0 + hu / 1000.0), 0.0)
+
+
+def line_integral(mu_volume, axis=-2, spacing=1.0, *, xp=jnp):
+    """sum_i mu_i * dl along `axis` (the attenuation -log(I / I0) of each ray); arguments as
+    `drr`."""
+    return xp.sum(mu_volume, axis=axis) * spacing
 
 
 def drr(mu_volume, axis=-2, spacing=1.0, *, xp=jnp):
@@ -29,7 +40,28 @@ def drr(mu_volume, axis=-2, spacing=1.0, *, xp=jnp):
     Returns:
         the transmission, the input shape without `axis`, values in (0, 1].
     """
-    return xp.exp(-xp.sum(mu_volume, axis=axis) * spacing)
+    return xp.exp(-line_integral(mu_volume, axis, spacing, xp=xp))
+
+
+def radiograph(mu_volume, projection, ray_length, window, shape, *, xp=jnp):
+    """A radiograph's displayed intensity: -log(I / I0) / window, resized, clipped to [0, 1].
+
+    Args:
+        mu_volume: (..., D, H, W) attenuation in 1/mm.
+        projection: a key of RAY_AXES ("ap" | "pa": rays along H, image (D, W); "lateral":
+            along W, image (D, H)).
+        ray_length: length of the volume along the rays in mm (the voxel length is
+            ray_length / the axis size).
+        window: attenuation shown as white (-log transmission; bright = dense).
+        shape: (S, S) output size; the (D, W) or (D, H) projection is resized to it
+            (`resize_linear`).
+    Returns:
+        (..., S, S) in [0, 1], float as `mu_volume`.
+    """
+    axis = RAY_AXES[projection]
+    spacing = ray_length / mu_volume.shape[axis]
+    shown = line_integral(mu_volume, axis, spacing, xp=xp) / window
+    return xp.clip(resize_linear(shown, shape, xp=xp), 0.0, 1.0)
 
 
 def linear_resize_weights(n_in, n_out):

@@ -7,7 +7,7 @@ import os
 import ml_collections
 
 from unimedi_jax.models import layers
-from unimedi_jax.objective import masking, selection, step
+from unimedi_jax.objective import masking, pair, selection, step
 
 # The allowed values, as the modules that read them define them.
 CHOICES = {
@@ -62,6 +62,11 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < config.objective.masking.keep_ratio <= 1.0:
         raise ConfigError(f"config.objective.masking.keep_ratio="
                           f"{config.objective.masking.keep_ratio} must be in (0, 1]")
+    if not config.objective.clip.get("weight", 1.0) >= 0.0:
+        raise ConfigError(f"config.objective.clip.weight={config.objective.clip.weight} must be "
+                          ">= 0")
+    if "pair" in config.objective:  # configs saved before the block have none
+        _validate_pair(config.objective.pair)
     modalities = tuple(config.objective.sd.modalities)
     if not set(modalities) <= set(step.MODALITIES):
         raise ConfigError(f"config.objective.sd.modalities={modalities!r}: each must be one of "
@@ -74,6 +79,23 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
         if config[key] <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
+
+
+def _validate_pair(pair_cfg) -> None:
+    """objective.pair (DESIGN §4.7), checked whether or not it is enabled."""
+    for key, allowed in (("loss", pair.PAIR_LOSSES), ("drr.projection", pair.PROJECTIONS)):
+        if _get(pair_cfg, key) not in allowed:
+            raise ConfigError(f"config.objective.pair.{key}={_get(pair_cfg, key)!r}; choose one "
+                              f"of {allowed}")
+    for key in ("enabled", "clip"):
+        if not isinstance(pair_cfg[key], bool):
+            raise ConfigError(f"config.objective.pair.{key}={pair_cfg[key]!r} must be True or "
+                              "False")
+    if not pair_cfg.weight >= 0.0:
+        raise ConfigError(f"config.objective.pair.weight={pair_cfg.weight} must be >= 0")
+    for key in ("temperature", "drr.ray_length_mm", "drr.mu_water", "drr.window"):
+        if not _get(pair_cfg, key) > 0.0:
+            raise ConfigError(f"config.objective.pair.{key}={_get(pair_cfg, key)} must be > 0")
 
 
 def check_batch_divisible(config: ml_collections.ConfigDict, data_parallel: int) -> None:
