@@ -17,7 +17,12 @@ another; seed N sets config.seed, hence the initial weights and the data order):
 - clip_sd_random: CLIP + SD + random slice selection.
 - unimedi: CLIP + SD + attentive slice selection (the full method).
 - clip_random (not in the default list): CLIP + random slice selection, no SD.
-The trained arms set those two keys themselves, whatever the base config says. Paper Table 7
+- unimedi_pair (not in the default list): unimedi + the DRR bridge (`objective.pair.enabled`,
+  its configured loss; docs/DESIGN.md §4.7): both bridges, language and DRR.
+- pair_only (not in the default list): SD + attentive selection + the DRR bridge without the
+  CLIP loss (`objective.clip.weight=0`): the DRR bridge alone, UniMiSS+-style, no text.
+The trained arms set those two keys (and objective.pair.enabled, on for the DRR-bridge arms
+only) themselves, whatever the base config says. Paper Table 7
 names: `vl` = clip_random, `vl_sd` = clip_sd_random, `vl_sd_attn` = unimedi (aliases of
 --arms; the paper's VL and VL+SD select slices at random).
 Trained arms run `trainer.train_and_evaluate` in WORKDIR/<arm> (seed 0) or WORKDIR/<arm>_seed<N>
@@ -87,12 +92,16 @@ from unimedi_jax.train import trainer, validation, writers
 ROOT = Path(__file__).resolve().parents[1]
 
 ARMS = ("random", "supervised", "clip", "clip_sd", "clip_sd_random", "unimedi")  # the default
-# Every known arm: the default ones and clip_random (CLIP + random slices, no SD: Table 7's VL).
-KNOWN_ARMS = ARMS + ("clip_random",)
+# Every known arm: the default ones, clip_random (CLIP + random slices, no SD: Table 7's VL) and
+# the DRR-bridge arms.
+KNOWN_ARMS = ARMS + ("clip_random", "unimedi_pair", "pair_only")
 # Trained arms: (objective.sd.enabled, objective.selection.mode).
 OBJECTIVES = {"clip": (False, "none"), "clip_random": (False, "random"),
               "clip_sd": (True, "none"), "clip_sd_random": (True, "random"),
-              "unimedi": (True, "attentive")}
+              "unimedi": (True, "attentive"), "unimedi_pair": (True, "attentive"),
+              "pair_only": (True, "attentive")}
+# The DRR-bridge arms: objective.pair.enabled, with objective.clip.weight (0: no text).
+PAIR_ARMS = {"unimedi_pair": 1.0, "pair_only": 0.0}
 # The paper's Table 7 rows: VL is L_vl "with random slices selection", SD adds L_icl + L_pcl,
 # Attn makes the selection attentive.
 ALIASES = {"vl": "clip_random", "vl_sd": "clip_sd_random", "vl_sd_attn": "unimedi"}
@@ -175,6 +184,8 @@ def arm_config(config, arm: str, seed: int):
     cfg.seed = seed
     if arm in OBJECTIVES:
         cfg.objective.sd.enabled, cfg.objective.selection.mode = OBJECTIVES[arm]
+        cfg.objective.pair.enabled = arm in PAIR_ARMS
+        cfg.objective.clip.weight = PAIR_ARMS.get(arm, cfg.objective.clip.weight)
     return cfg
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.special
 
+from benchmarks import learning
 from configs import pretrain
 from test_losses import clip_reference
 from test_step import B3, setup, text_folder, tiny_batch, tiny_config  # noqa: F401 (fixtures)
@@ -265,3 +266,17 @@ def test_bad_pair_values_name_their_key(setup):
         validation.validate_pretrain_config(cfg)
     with pytest.raises(ValueError, match="objective.pair.loss"):
         _pair_step(setup, pair__enabled=True, pair__loss="mse")
+
+
+def test_learning_ladder_pair_arms():
+    base = pretrain.get_config("test")
+    base.objective.pair.enabled = True  # the arms decide, whatever the base says
+    arms = {a: learning.arm_config(base, a, 0).objective
+            for a in ("unimedi", "unimedi_pair", "pair_only")}
+    assert not arms["unimedi"].pair.enabled and arms["unimedi"].clip.weight == 1.0
+    assert arms["unimedi_pair"].pair.enabled and arms["unimedi_pair"].clip.weight == 1.0
+    assert arms["pair_only"].pair.enabled and arms["pair_only"].clip.weight == 0.0
+    for obj in arms.values():
+        assert obj.sd.enabled and obj.selection.mode == "attentive"
+    assert learning.resolve_arms(["vl_sd_attn", "unimedi_pair", "pair_only"]) == [
+        "unimedi", "unimedi_pair", "pair_only"]
