@@ -1,6 +1,7 @@
 """What the DRR bridge (docs/DESIGN.md §4.7) adds to a train step: times, no assertions.
 
     python -m benchmarks.pair_cost [--preset=cpu] [--rounds=5] [--steps=3]
+        [--variants=off,unimiss,infonce_clip]
 
 Times the trainer's jitted step (`train_step.JaxStep`: the config's mesh, the state donated) on
 one synthetic batch of the preset's shapes, with the step's report features precomputed as the
@@ -55,12 +56,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=common.PRESETS, default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (off always runs)")
     args = parser.parse_args(argv)
+    chosen = ["off", *(v for v in args.variants.split(",") if v and v != "off")]
+    if not set(chosen) <= set(VARIANTS):
+        parser.error(f"--variants={args.variants}: each must be one of {', '.join(VARIANTS)}")
     result = {"preset": args.preset, "machine": common.machine(),
               "load_start": os.getloadavg()[0]}
 
     steps, batch = {}, None
-    for name, variant in VARIANTS.items():
+    for name in chosen:
+        variant = VARIANTS[name]
         config, random_text = _config(args.preset, variant)
         config.model.text.trainable_layers = 0  # a locked tower: features come precomputed
         steps[name] = JaxStep(config, random_text)
@@ -83,7 +90,7 @@ def main(argv=None) -> dict:
     volume = jnp.asarray(batch_np["ct"]["volume"])
     jax.block_until_ready(render(volume))
 
-    times = {name: [] for name in [*VARIANTS, "drr_render"]}
+    times = {name: [] for name in [*chosen, "drr_render"]}
     for _ in range(args.rounds):
         for name, runner in steps.items():
             start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The DRR bridge (docs/DESIGN.md §4.7): each training CT paired with a radiograph rendered from it.
+"""The DRR bridge (docs/DESIGN.md §4.7): each training CT paired with a radiograph of itself.
 
 `drr_inputs` renders, inside the step, the X-ray model input of a CT model input: the volume
 back to Hounsfield units, to attenuation, a parallel-beam ray sum (`ops/drr.py`), the displayed
