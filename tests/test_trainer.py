@@ -36,7 +36,8 @@ def _config(data_dir, **overrides):
 
 
 def _main(workdir, data_dir, *extra, env=None, stdout=subprocess.PIPE):
-    """The user's command for the test config, as a subprocess (output to `stdout`)."""
+    """The user's command for the test config, as a subprocess (output to `stdout`), on the 8
+    simulated devices of the tests unless `env` says otherwise."""
     cmd = [sys.executable, "-m", "unimedi_jax.main", "--config=configs/pretrain.py:test",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            f"--config.total_steps={STEPS}", "--config.checkpoint_every_steps=10",
@@ -54,6 +55,15 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
+# One process's CPU as the only device: a run on it keeps the persistent compilation cache
+# (`train.sharding.compile_cpu_collectives_afresh`), so repeated runs of the command compile once.
+ONE_DEVICE = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")}
+
+# The tests sharing the uninterrupted runs below run in one pytest-xdist worker, which computes
+# them once (each worker would otherwise compute its own).
+shares_the_reference_runs = pytest.mark.xdist_group("trainer_reference")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     """An uninterrupted run of the test config on all 8 devices."""
@@ -62,6 +72,16 @@ def reference(tmp_path_factory, data_dir):
     return workdir, summary
 
 
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory, data_dir):
+    """The same run on a mesh of one device, without the final evaluation."""
+    workdir = tmp_path_factory.mktemp("one_device")
+    trainer.train_and_evaluate(_config(data_dir, mesh=[("data", 1)], eval_at_end=False),
+                               str(workdir))
+    return workdir
+
+
+@shares_the_reference_runs
 def test_run_writes_metrics_checkpoints_and_summary(reference):
     workdir, summary = reference
     rows = [r for r in writers.read_metrics(workdir) if "loss" in r]
@@ -72,6 +92,10 @@ def test_run_writes_metrics_checkpoints_and_summary(reference):
     assert np.mean(vl[-2:]) < np.mean(vl[:2]) - 0.1, vl
     assert all(np.isfinite(r["loss"]) for r in rows) and all(r["finite"] for r in rows)
     assert sorted(os.listdir(workdir / "checkpoints"))[-1] == str(STEPS)
+    # The locked text embeddings are written once, not into every step.
+    saved = checkpoint.Checkpointer(str(workdir)).manager.item_metadata(STEPS)["state"]
+    assert "embeddings" not in saved["params"]["text"], sorted(saved["params"]["text"])
+    assert (workdir / checkpoint.FROZEN_DIR).is_dir()
     with open(workdir / trainer.EVAL_SUMMARY) as f:
         saved = json.load(f)
     for key in ("retrieval_r1", "retrieval_r1_findings", "slice_precision",
@@ -82,11 +106,10 @@ def test_run_writes_metrics_checkpoints_and_summary(reference):
     assert [r["step"] for r in evals] == [0, STEPS]
 
 
-def test_one_device_matches_eight(reference, tmp_path, data_dir):
+@shares_the_reference_runs
+def test_one_device_matches_eight(reference, one_device):
     workdir, _ = reference
-    trainer.train_and_evaluate(_config(data_dir, mesh=[("data", 1)], eval_at_end=False),
-                               str(tmp_path))
-    one = [r["loss"] for r in writers.read_metrics(tmp_path) if "loss" in r]
+    one = [r["loss"] for r in writers.read_metrics(one_device) if "loss" in r]
     eight = [r["loss"] for r in writers.read_metrics(workdir) if "loss" in r]
     # Reductions are ordered differently across devices; Adam then amplifies float noise in
     # near-zero gradients, so the trajectory (not each parameter) is what can match closely.
@@ -104,23 +127,25 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path, data_dir):
-    workdir, _ = reference
-    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False")
+@shares_the_reference_runs
+def test_sigkill_then_resume_equals_uninterrupted(one_device, tmp_path, data_dir):
+    """The command killed after its first checkpoint and run again, on one device (the sharded
+    resume on 8 devices: `test_damaged_latest_checkpoint_falls_back_to_the_previous`)."""
+    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
     _wait_for(tmp_path / "checkpoints" / "10", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     latest = checkpoint.Checkpointer(str(tmp_path)).latest_step()
     assert latest is not None and latest < STEPS, "the kill came too late to test a resume"
-    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False")
+    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert f"Resuming from the checkpoint of step {latest}" in out
-    for a, b in zip(_final_params(tmp_path), _final_params(workdir)):
+    for a, b in zip(_final_params(tmp_path), _final_params(one_device)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     resumed = [r["loss"] for r in writers.read_metrics(tmp_path) if "loss" in r]
-    reference_losses = [r["loss"] for r in writers.read_metrics(workdir) if "loss" in r]
-    np.testing.assert_allclose(resumed, reference_losses, rtol=1e-5)
+    uninterrupted = [r["loss"] for r in writers.read_metrics(one_device) if "loss" in r]
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
 
 
 def _steps(workdir):
@@ -139,6 +164,7 @@ def _damaged_copy(workdir, tmp_path, *steps):
     return copy
 
 
+@shares_the_reference_runs
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, data_dir,
                                                               caplog):
     workdir, _ = reference
@@ -159,6 +185,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
     np.testing.assert_allclose(resumed, reference_losses, rtol=1e-5)
 
 
+@shares_the_reference_runs
 def test_every_checkpoint_damaged_is_a_clear_error(reference, tmp_path, data_dir):
     workdir, _ = reference
     copy = _damaged_copy(workdir, tmp_path, 20, STEPS)
@@ -173,6 +200,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(reference, tmp_path, data_dir
     assert (copy / "metrics.jsonl").read_text() == metrics  # nothing started afresh
 
 
+@shares_the_reference_runs
 def test_load_pretrained_of_a_damaged_step(reference, tmp_path, caplog):
     workdir, _ = reference
     copy = _damaged_copy(workdir, tmp_path, STEPS)
@@ -190,7 +218,7 @@ def test_load_pretrained_of_a_damaged_step(reference, tmp_path, caplog):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
-    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False")
+    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
     _wait_for(tmp_path / "metrics.jsonl", proc)
     while not any("loss" in r for r in writers.read_metrics(tmp_path)):
         time.sleep(0.05)

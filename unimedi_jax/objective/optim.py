@@ -58,6 +58,25 @@ def trainable_mask(params: PyTree, config) -> PyTree:
     return mask
 
 
+def frozen_paths(params: PyTree, config) -> list[tuple[str, ...]]:
+    """Key paths of the params subtrees the optimiser never updates (`trainable_mask` False at
+    every leaf), e.g. ("text", "embeddings"): what checkpoints need not copy."""
+    paths = []
+
+    def walk(mask, path):
+        if not isinstance(mask, dict):
+            return
+        for key, sub in mask.items():
+            leaves = jax.tree.leaves(sub)
+            if leaves and not any(leaves):
+                paths.append((*path, key))
+            else:
+                walk(sub, (*path, key))
+
+    walk(trainable_mask(params, config), ())
+    return paths
+
+
 def clip_per_parameter(max_norm: float) -> optax.GradientTransformation:
     """Scales each leaf's gradient to norm <= max_norm on its own (DINO's `clip_gradients`).
 

@@ -1,15 +1,18 @@
 """Checkpoints: orbax `CheckpointManager` over the train state, data iterator state and run info.
 
-Layout: `WORKDIR/config.json` (the run's config) and `WORKDIR/checkpoints/<step>/{state,data,
-meta}`. orbax writes each step to a temporary folder and renames it when complete, so an
-interrupted save never looks like a checkpoint. A checkpoint damaged later (truncated or
-missing files) is skipped for the newest one that restores (`Checkpointer.restore_intact`).
+Layout: `WORKDIR/config.json` (the run's config), `WORKDIR/checkpoints/<step>/{state,data,
+meta}` and `WORKDIR/frozen/`: the state's subtrees the optimiser never updates (the locked
+pretrained text layers, most of the default's bytes), written once per run and left out of every
+step, which restores them from there. orbax writes each step to a temporary folder and renames it
+when complete, so an interrupted save never looks like a checkpoint. A checkpoint damaged later
+(truncated or missing files) is skipped for the newest one that restores
+(`Checkpointer.restore_intact`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import ml_collections
@@ -22,8 +25,59 @@ from unimedi_jax import files
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"  # where a resumed run moves the damaged steps it skipped
+FROZEN_DIR = "frozen"
 
 T = TypeVar("T")
+Path = tuple[str, ...]  # keys into nested dicts, e.g. ("params", "text", "embeddings")
+
+
+def _get(tree: dict, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _has(tree: Any, path: Path) -> bool:
+    for key in path:
+        if not hasattr(tree, "keys") or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def _without(tree: dict, paths: Sequence[Path]) -> dict:
+    """A copy of nested dicts `tree` without the subtrees at `paths` (those present)."""
+    out = dict(tree)
+    for key in {p[0] for p in paths if p[0] in tree}:
+        rest = [p[1:] for p in paths if p[0] == key]
+        if () in rest:
+            del out[key]
+        else:
+            out[key] = _without(tree[key], rest)
+    return out
+
+
+def _with(tree: dict, parts: dict[Path, Any]) -> dict:
+    """A copy of nested dicts `tree` with `parts` {path: subtree} put in."""
+    out = dict(tree)
+    for path, sub in parts.items():
+        node = out
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = sub
+    return out
+
+
+def _key(path: Path) -> str:
+    return "/".join(path)
+
+
+def _host_abstract(metadata: Any) -> Any:
+    """ShapeDtypeStructs on the first CPU device for an orbax metadata tree."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
 
 class CheckpointRestoreError(ValueError):
@@ -44,10 +98,19 @@ def _describe(error: BaseException, step_dir: str) -> str:
 
 
 class Checkpointer:
-    """Saves and restores `(state pytree, data iterator state, meta)` by step."""
+    """Saves and restores `(state pytree, data iterator state, meta)` by step.
 
-    def __init__(self, workdir: str, max_to_keep: int | None = 2, asynchronous: bool = True):
-        self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
+    `frozen`: paths of state subtrees that never change (`optim.frozen_paths` under "params"):
+    `save_frozen` writes them once to WORKDIR/frozen/, `save` leaves them out, and restoring a
+    step that lacks them takes them from there (older steps that hold them restore as saved).
+    """
+
+    def __init__(self, workdir: str, max_to_keep: int | None = 2, asynchronous: bool = True,
+                 frozen: Sequence[Path] = ()):
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+        self.directory = os.path.join(workdir, CHECKPOINT_DIR)
+        self.frozen_dir = os.path.join(workdir, FROZEN_DIR)
+        self.frozen = [tuple(p) for p in frozen]
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -65,20 +128,69 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
+    def save_frozen(self, state: dict) -> None:
+        """Writes the `frozen` subtrees of `state` to WORKDIR/frozen/ unless they are there
+        (every process calls it; orbax writes a temporary folder and renames it when done)."""
+        if not self.frozen or os.path.exists(self.frozen_dir):
+            return
+        saver = ocp.StandardCheckpointer()
+        saver.save(self.frozen_dir, {_key(p): _get(state, p) for p in self.frozen})
+        saver.wait_until_finished()
+
+    def _stored_frozen(self) -> list[Path]:
+        if not os.path.exists(self.frozen_dir):
+            return []
+        tree = ocp.StandardCheckpointer().metadata(self.frozen_dir).item_metadata.tree
+        return [tuple(k.split("/")) for k in tree]
+
+    def _restore_frozen(self, paths: Sequence[Path], abstract_state: Any | None) -> dict:
+        """{path: subtree} of WORKDIR/frozen/ for `paths`, in the shardings of `abstract_state`
+        (None: numpy on the host)."""
+        if not paths:
+            return {}
+        stored = self._stored_frozen()
+        lacking = [p for p in paths if p not in stored]
+        if lacking:
+            raise FileNotFoundError(
+                f"{self.frozen_dir} does not hold {[_key(p) for p in lacking]}, which the "
+                "checkpoints leave out (the weights the optimiser never updates, written there "
+                "once per run): copy that folder back from the run's original workdir")
+        reader = ocp.StandardCheckpointer()
+        if abstract_state is None:
+            target = _host_abstract(reader.metadata(self.frozen_dir).item_metadata.tree)
+        else:
+            target = {_key(p): _get(abstract_state, p) for p in stored}
+        out = reader.restore(self.frozen_dir, target)
+        if abstract_state is None:
+            out = jax.tree.map(np.asarray, out)
+        return {p: out[_key(p)] for p in paths}
+
+    def _left_out(self, step: int) -> list[Path]:
+        """The frozen paths the checkpoint of `step` does not hold."""
+        saved = self.manager.item_metadata(step)["state"]
+        wanted = self.frozen or self._stored_frozen()
+        return [p for p in wanted if not _has(saved, p)]
+
     def save(self, step: int, state: Any, data_state: dict | None = None,
              meta: dict | None = None) -> None:
-        """Starts an (asynchronous) save of step `step`; `wait()` blocks until it is on disk."""
+        """Starts an (asynchronous) save of step `step` without the `frozen` subtrees (call
+        `save_frozen` first); `wait()` blocks until it is on disk."""
+        if self.frozen and not os.path.exists(self.frozen_dir):
+            raise RuntimeError("Checkpointer.save_frozen must run before the first save")
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(_without(state, self.frozen)),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta or {})), force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """Restores step `step` into the shapes, dtypes and shardings of `abstract_state`."""
+        """Restores step `step` into the shapes, dtypes and shardings of `abstract_state`
+        (its frozen subtrees from WORKDIR/frozen/ when the step leaves them out)."""
+        left_out = self._left_out(step)
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(_without(abstract_state, left_out)),
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+        state = _with(out["state"], self._restore_frozen(left_out, abstract_state))
+        return state, dict(out["data"] or {}), dict(out["meta"] or {})
 
     def restore_host(self, step: int | None = None) -> dict:
         """Restores the state pytree of `step` (default: the newest intact one) as host numpy
@@ -86,14 +198,11 @@ class Checkpointer:
         return self.restore_intact(self._restore_host, step)[1]
 
     def _restore_host(self, step: int) -> dict:
-        meta = self.manager.item_metadata(step)["state"]
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta,
-            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        abstract = _host_abstract(self.manager.item_metadata(step)["state"])
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
-        return jax.tree.map(np.asarray, state)
+        state = jax.tree.map(np.asarray, state)
+        return _with(state, self._restore_frozen(self._left_out(step), None))
 
     def restore_intact(self, restore: Callable[[int], T], step: int | None = None,
                        set_aside: bool = False) -> tuple[int, T]:

@@ -24,6 +24,7 @@ from absl import logging
 from unimedi_jax import files
 from unimedi_jax.data import pipeline
 from unimedi_jax.eval import pretrain_eval
+from unimedi_jax.objective import optim
 from unimedi_jax.objective import step as step_lib
 from unimedi_jax.train import checkpoint as ckpt_lib
 from unimedi_jax.train import report_cache
@@ -159,7 +160,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch_sharding = shd.batch_sharding(mesh)
     repl = shd.replicated(mesh)
 
-    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    # The locked text layers never change: written once (WORKDIR/frozen/), not in every step.
+    frozen = [("params", *p) for p in optim.frozen_paths(abstract["params"], config)]
+    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                         frozen=frozen)
     if checkpointer.latest_step() is None:
         state = jax.jit(setup.init, out_shardings=state_sharding)(init_rng, setup.text_params)
         start, data_state = 0, None
@@ -171,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start, (state, data_state, _) = checkpointer.restore_intact(
             lambda step: checkpointer.restore(step, abstract_sharded), set_aside=True)
         logging.info("Resuming from the checkpoint of step %d in %s", start, workdir)
+    checkpointer.save_frozen(state)
     train_iter = data.train_iterator()
     if data_state is not None:
         train_iter.set_state(data_state)
