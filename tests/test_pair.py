@@ -148,7 +148,8 @@ def test_pair_off_leaves_the_step_bit_for_bit(setup, joint):
     on.objective.pair.enabled = True
     want = jaxpr(legacy)
     assert jaxpr(off) == want
-    assert jaxpr(on) != want
+    if joint:  # (one check that the comparison sees a change is enough)
+        assert jaxpr(on) != want
 
 
 def _embeddings(s, p, batch, drr):
