@@ -26,7 +26,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         weight_decay=1e-5,              # UNETR's BTCV recipe (AdamW, MONAI tutorial)
         batch_size=2,                   # paper appendix 7.2
         max_epochs=2,                   # CPU (paper: 25,000 iterations)
+        steps_per_epoch=0,              # one pass over the training volumes
         patience=10)                    # as the 2D task
+    c.fractions = (1.0,)                # CPU (paper: 1%, 10%, 100%)
     c.batch_size = 2                    # CPU: evaluation batch of volumes
     c.data.max_examples.update(train=8, validation=4, test=8)  # CPU
     return c

@@ -111,19 +111,29 @@ def run(config, workdir: str) -> dict:
         keys = ("vision", "decoder") if config.train_encoder else ("decoder",)
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}
+        dice = lambda t, split: dice_of(predict, {**frozen, **t}, eval_batches(split),
+                                        class_names)
         trainable, history = tasks.fit(
             loss, trainable, frozen, tasks.adamw(config.optim),
             tasks.train_batches(config, sources["train"], rows, with_mask=True),
-            -(-len(rows) // config.optim.batch_size), lambda: eval_batches("validation"),
-            max_epochs=config.optim.max_epochs, patience=config.optim.patience)
-        test = features.apply_batched(predict, {**frozen, **trainable}, eval_batches("test"))
-        summary = metrics.dice_summary(test["pred"], test["target"], len(class_names))
+            tasks.steps_per_epoch(len(rows), config.optim), lambda: eval_batches("validation"),
+            max_epochs=config.optim.max_epochs, patience=config.optim.patience,
+            monitor=lambda t: {"val_" + k: v for k, v in dice(t, "validation").items()})
         results[f"{fraction:g}"] = {
-            "num_train": int(len(rows)), "dice": summary["dice"],
-            "dice_per_class": dict(zip(class_names[1:], summary["dice_per_class"])),
-            "best_epoch": history["best_epoch"], "epochs_run": history["epochs_run"]}
+            "num_train": int(len(rows)), **dice(trainable, "test"),
+            "best_epoch": history["best_epoch"], "epochs_run": history["epochs_run"],
+            "history": history["history"]}
     return tasks.write_results(workdir, config, loaded, {
         "metrics": results, "classes": class_names, "decoder": config.decoder})
+
+
+def dice_of(predict, params, batches, class_names) -> dict:
+    """{"dice": mean over foreground classes, "dice_per_class": {name: Dice}} of `predict` over
+    `batches` (`metrics.dice_summary`)."""
+    out = features.apply_batched(predict, params, batches)
+    summary = metrics.dice_summary(out["pred"], out["target"], len(class_names))
+    return {"dice": summary["dice"],
+            "dice_per_class": dict(zip(class_names[1:], summary["dice_per_class"]))}
 
 
 def init_decoder(vit, decoder, batch, modality: str, seed: int) -> dict:

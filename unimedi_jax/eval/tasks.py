@@ -233,13 +233,25 @@ def adamw(optim_cfg) -> optax.GradientTransformation:
     return optax.adamw(optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 
 
+def steps_per_epoch(num_train: int, optim_cfg) -> int:
+    """Steps of one epoch: optim.steps_per_epoch when set (> 0), a fixed budget that every label
+    fraction trains for (a small one repeats its records, a large one sees a part per epoch);
+    else one pass over num_train records at optim.batch_size."""
+    fixed = int(optim_cfg.get("steps_per_epoch", 0))
+    if fixed < 0:
+        raise ValueError(f"config.optim.steps_per_epoch={fixed} must be >= 0")
+    return fixed or -(-num_train // optim_cfg.batch_size)
+
+
 def early_stopping(train_epoch: Callable[[Any, int], tuple[Any, float]],
                    val_loss: Callable[[Any], float], state: Any, *, max_epochs: int,
-                   patience: int) -> tuple[Any, dict]:
+                   patience: int, monitor: Callable[[Any], dict] | None = None
+                   ) -> tuple[Any, dict]:
     """Trains epoch by epoch until the validation loss has not improved for `patience` epochs
     (paper appendix 7.1), returning the state of the lowest validation loss and a history.
 
-    train_epoch(state, epoch) -> (state, mean train loss); val_loss(state) -> float.
+    train_epoch(state, epoch) -> (state, mean train loss); val_loss(state) -> float;
+    monitor(state) -> further validation numbers logged per epoch in the history.
     """
     if max_epochs <= 0 or patience <= 0:
         raise ValueError(f"max_epochs={max_epochs} and patience={patience} must be positive")
@@ -248,8 +260,11 @@ def early_stopping(train_epoch: Callable[[Any, int], tuple[Any, float]],
     for epoch in range(max_epochs):
         state, train_loss = train_epoch(state, epoch)
         loss = float(val_loss(state))
-        history.append({"epoch": epoch, "train_loss": float(train_loss), "val_loss": loss})
-        logging.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, train_loss, loss)
+        extra = monitor(state) if monitor is not None else {}
+        history.append({"epoch": epoch, "train_loss": float(train_loss), "val_loss": loss,
+                        **extra})
+        logging.info("epoch %d: train loss %.4f, validation loss %.4f %s", epoch, train_loss,
+                     loss, extra or "")
         if loss < best_loss:
             best, best_loss, best_epoch, wait = state, loss, epoch, 0
         else:
@@ -266,12 +281,13 @@ LossFn = Callable[[Any, Any, dict, jax.Array], jax.Array]
 def fit(loss_fn: LossFn, trainable: Any, frozen: Any, optimizer: optax.GradientTransformation,
         train_batches: Iterator[dict], steps_per_epoch: int,
         val_batches: Callable[[], Iterable[tuple[dict, int]]], *, max_epochs: int,
-        patience: int) -> tuple[Any, dict]:
+        patience: int, monitor: Callable[[Any], dict] | None = None) -> tuple[Any, dict]:
     """Minimises `loss_fn(trainable, frozen, batch, weights)` over `trainable` with early stopping.
 
     train_batches: endless iterator of fixed-shape batches (an optional "weights" (B,) entry
       marks padding with 0); an epoch is `steps_per_epoch` of them.
     val_batches: () -> iterable of (batch, n) as `features.eval_batches`; rows >= n are padding.
+    monitor: trainable params -> validation numbers for the history (`early_stopping`).
     Returns the trainable params of the lowest validation loss, and the history.
     """
 
@@ -308,7 +324,7 @@ def fit(loss_fn: LossFn, trainable: Any, frozen: Any, optimizer: optax.GradientT
 
     (params, _), history = early_stopping(
         train_epoch, val_loss, (trainable, optimizer.init(trainable)), max_epochs=max_epochs,
-        patience=patience)
+        patience=patience, monitor=None if monitor is None else lambda state: monitor(state[0]))
     return params, history
 
 
