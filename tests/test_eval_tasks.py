@@ -100,6 +100,8 @@ def test_finetune_3d(tmp_path, pretrained):
 @pytest.mark.parametrize("name", ["seg_2d", "seg_3d"])
 def test_segmentation(tmp_path, pretrained, name):
     config = tiny(name, init_from=pretrained)
+    config.fractions = (1.0,)
+    config.optim.steps_per_epoch = 0
     if name == "seg_3d":
         config.unetr.feature_size = 4
         config.optim.update(batch_size=2, max_epochs=1)
@@ -111,6 +113,20 @@ def test_segmentation(tmp_path, pretrained, name):
     assert list(m["dice_per_class"]) == classes
     defined = [v for v in m["dice_per_class"].values() if v is not None]
     assert m["dice"] == pytest.approx(np.mean(defined)) and 0 <= m["dice"] <= 1
+    assert list(m["history"][0]["val_dice_per_class"]) == classes  # Dice over training
+
+
+def test_detection(tmp_path, pretrained):
+    config = tiny("detection_2d", init_from=pretrained)
+    config.fractions = (0.1,)
+    config.optim.update(max_epochs=1, steps_per_epoch=2)
+    config.fcos.num_convs = 1
+    out = run_task(config, tmp_path)
+    assert out["classes"] == ["nodule", "consolidation", "ground_glass", "effusion",
+                              "cardiomegaly"] and out["test_boxes"] > 0
+    m = out["metrics"]["0.1"]
+    assert m["num_train"] == 3 and m["epochs_run"] == 1 and 0 <= m["map"] <= m["map50"] <= 1
+    assert (tmp_path / out["figure"]).stat().st_size > 0
 
 
 def test_slice_selection(tmp_path, pretrained):
@@ -221,8 +237,20 @@ def test_early_stopping_keeps_the_best_state():
                                          max_epochs=8, patience=3)
     assert best == 4 and history["best_epoch"] == 3 and history["epochs_run"] == 7
     best, history = tasks.early_stopping(lambda s, e: (s + 1, 0.0), lambda s: val[s - 1], 0,
-                                         max_epochs=8, patience=10)
+                                         max_epochs=8, patience=10,
+                                         monitor=lambda s: {"twice": 2 * s})
     assert best == 8 and history["epochs_run"] == 8
+    assert [h["twice"] for h in history["history"]] == list(range(2, 18, 2))
+
+
+def test_steps_per_epoch():
+    optim = ml_collections.ConfigDict(dict(batch_size=16, steps_per_epoch=0))
+    assert tasks.steps_per_epoch(33, optim) == 3  # one pass
+    optim.steps_per_epoch = 20  # a fixed budget for every label fraction
+    assert tasks.steps_per_epoch(4, optim) == tasks.steps_per_epoch(2000, optim) == 20
+    optim.steps_per_epoch = -1
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        tasks.steps_per_epoch(4, optim)
 
 
 def test_subset_and_padding():

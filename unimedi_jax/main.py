@@ -31,6 +31,7 @@ TASKS = {
     "linear_probe": "unimedi_jax.eval.linear_probe:run",
     "finetune": "unimedi_jax.eval.finetune:run",
     "segmentation": "unimedi_jax.eval.segmentation:run",
+    "detection": "unimedi_jax.eval.detection:run",
     "retrieval": "unimedi_jax.eval.retrieval:run",
     "slice_selection": "unimedi_jax.eval.selection_eval:run",
     "zero_shot": "unimedi_jax.eval.zero_shot:run",
