@@ -6,6 +6,9 @@ Manifest CSV (`--manifest=PATH.csv`, default `MANUAL_DIR/manifest.csv`), one row
 - `split` (optional): train, validation or test; empty means train;
 - `modality` (optional): ct or xray; otherwise inferred from the file type: folders and
   NIfTI/NRRD/MetaImage files are CT, PNG/JPG/BMP/TIFF and single DICOM files are X-rays;
+- `boxes` (optional, X-rays): the example's boxes as `x y w h` in pixels of the image file,
+  several separated by `;`, empty for none; with this column the X-ray records also hold a mask
+  (class 1 inside any box) and the boxes (`boxes` float32 (N, 4), x0 y0 x1 y1 stored pixels);
 - every other column is a label (a number; empty = -1, unknown).
 
 CT rows and X-ray rows become two configs, `manifest/ct` and `manifest/xray`
@@ -32,7 +35,7 @@ from absl import flags
 from data_prep import readers, records, reports
 from data_prep.records import MODALITIES, SPLITS, BadRow, Example, option
 
-RESERVED_COLUMNS = ("path", "report", "split", "modality")
+RESERVED_COLUMNS = ("path", "report", "split", "modality", "boxes")
 
 records.define_flag(flags.DEFINE_string, "manifest", None, "Manifest CSV for the manifest builder.")
 records.define_flag(flags.DEFINE_enum, "manifest_modality", None, "Which manifest rows to build.",
@@ -47,6 +50,7 @@ class ManifestTable:
     rows: list[tuple[str, Example]]
     label_names: tuple[str, ...]
     bad: list[tuple[str | None, BadRow]]
+    has_boxes: bool = False  # the CSV has a `boxes` column
 
 
 def read_manifest(csv_path: str | Path) -> ManifestTable:
@@ -63,7 +67,7 @@ def read_manifest(csv_path: str | Path) -> ManifestTable:
         if len(set(header)) != len(header) or "" in header:
             raise ValueError(f"{csv_path}: header {header} has empty or repeated column names")
         label_names = tuple(c for c in header if c not in RESERVED_COLUMNS)
-        table, first_of = ManifestTable([], label_names, []), {}
+        table, first_of = ManifestTable([], label_names, [], "boxes" in header), {}
         for number, fields in enumerate(reader, start=1):
             if not any(v.strip() for v in fields):
                 continue
@@ -75,6 +79,11 @@ def read_manifest(csv_path: str | Path) -> ManifestTable:
             modality = (given if given in MODALITIES
                         else readers.infer_modality(path) if path_text else None)
             problems = _row_problems(row, fields, header, label_names)
+            boxes, box_problem = parse_boxes(row.get("boxes", ""))
+            if box_problem:
+                problems.append(box_problem)
+            elif boxes and modality == "ct":
+                problems.append("boxes are for X-rays; this row is a CT")
             if path_text in first_of:
                 problems.append(f"same path as {first_of[path_text]}")
             elif path_text and not path.exists():
@@ -90,8 +99,24 @@ def read_manifest(csv_path: str | Path) -> ManifestTable:
             table.rows.append((modality, Example(
                 id=path_text, split=row.get("split", "").strip() or "train", path=str(path),
                 report=reports.normalize_whitespace(row["report"]), labels=labels, where=where,
-                row=number)))
+                row=number, boxes=boxes)))
     return table
+
+
+def parse_boxes(text: str) -> tuple[tuple, str]:
+    """("x y w h; x y w h" or empty) -> (boxes, "") or ((), what is wrong)."""
+    boxes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            box = tuple(float(v) for v in part.replace(",", " ").split())
+        except ValueError:
+            box = ()
+        if len(box) != 4 or not all(math.isfinite(v) for v in box) or min(box) < 0 \
+                or box[2] <= 0 or box[3] <= 0:
+            return (), (f"boxes {text!r}: each box is 'x y w h' (pixels, x, y >= 0, w, h > 0), "
+                        "boxes separated by ';'")
+        boxes.append(box)
+    return tuple(boxes), ""
 
 
 def _row_problems(row: dict, fields: list, header: list, label_names) -> list[str]:
@@ -129,9 +154,13 @@ class Manifest(records.RecordBuilder):
     ]
     READ_ALL_FIRST = True
 
+    MASK_CLASSES = ("background", "box")
+
     def __init__(self, *, manifest, **kwargs):
         self._manifest_path = Path(manifest)
         self._table = read_manifest(self._manifest_path)
+        # A `boxes` column gives the X-ray records a box mask and the boxes.
+        self.HAS_MASK = self.HAS_BOXES = self._table.has_boxes and kwargs.get("config") == "xray"
         super().__init__(**kwargs)
 
     def label_names(self) -> tuple[str, ...]:

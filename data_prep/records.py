@@ -119,6 +119,7 @@ class RecordSpec:
     num_labels: int
     hu_window: tuple[float, float] = readers.DEFAULT_HU_WINDOW
     mask: bool = False
+    boxes: bool = False  # X-rays: `boxes` float32 (N, 4) (x0, y0, x1, y1) stored pixels
 
     def features(self) -> tfds.features.FeaturesDict:
         pixels = ("volume", np.int16) if self.modality == "ct" else ("image", np.uint8)
@@ -133,6 +134,8 @@ class RecordSpec:
         if self.mask:  # mostly zeros: compressed
             features["mask"] = tfds.features.Tensor(shape=self.size, dtype=np.uint8,
                                                     encoding=tfds.features.Encoding.ZLIB)
+        if self.boxes:
+            features["boxes"] = tfds.features.Tensor(shape=(None, 4), dtype=np.float32)
         return tfds.features.FeaturesDict(features)
 
 
@@ -143,6 +146,20 @@ def boxes_to_mask(boxes, shape) -> np.ndarray:
         top, left = max(0, int(round(y))), max(0, int(round(x)))
         mask[top:max(top, int(round(y + h))), left:max(left, int(round(x + w)))] = 1
     return mask
+
+
+def stored_boxes(boxes, shape, size: int) -> np.ndarray:
+    """(x, y, w, h) boxes in pixels of an image of `shape` (H, W) -> float32 (N, 4)
+    (x0, y0, x1, y1) in pixels of its stored form (`readers.pad_resize_xray` to `size`)."""
+    h, w = shape
+    scale = size / max(h, w)
+    rows, cols = (size, max(1, int(w * scale))) if h >= w else (max(1, int(h * scale)), size)
+    top, left = (size - rows) // 2, (size - cols) // 2
+    out = np.asarray(boxes, np.float64).reshape(-1, 4)
+    sx, sy = cols / w, rows / h
+    xyxy = np.stack([out[:, 0] * sx + left, out[:, 1] * sy + top,
+                     (out[:, 0] + out[:, 2]) * sx + left, (out[:, 1] + out[:, 3]) * sy + top], -1)
+    return np.clip(xyxy, 0, size).astype(np.float32)
 
 
 def encode(example: Example, spec: RecordSpec) -> dict:
@@ -164,6 +181,8 @@ def encode(example: Example, spec: RecordSpec) -> dict:
         if spec.mask:
             record["mask"] = readers.pad_resize_xray(boxes_to_mask(example.boxes, shape),
                                                      spec.size[0], order=0)
+        if spec.boxes:
+            record["boxes"] = stored_boxes(example.boxes, shape, spec.size[0])
     labels = np.asarray(example.labels, np.float32).reshape(-1)
     if labels.shape != (spec.num_labels,):
         raise ValueError(f"{example.where}: {labels.size} labels, expected {spec.num_labels}")
@@ -231,6 +250,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     MODALITY: str | None = None
     LABEL_NAMES: tuple[str, ...] = ()
     HAS_MASK = False
+    HAS_BOXES = False  # X-rays: also store each example's boxes (RecordSpec.boxes)
     MASK_CLASSES: tuple[str, ...] = ()
     READ_ALL_FIRST = False
 
@@ -272,7 +292,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def spec(self) -> RecordSpec:
         size = self._ct_size if self.modality == "ct" else (self._xray_size,) * 2
         return RecordSpec(self.modality, size, len(self.label_names()), self._hu_window,
-                          self.HAS_MASK)
+                          self.HAS_MASK, self.HAS_BOXES and self.modality == "xray")
 
     def options(self) -> dict:
         """The choices that shape the stored data (compared when a dataset is reused)."""

@@ -1,14 +1,17 @@
 """RSNA Pneumonia Detection Challenge (stage 2): pneumonia label and box masks.
 
-One example per patient: label 1 when any row of stage_2_train_labels.csv has Target 1, and
-a mask (class 1 = pneumonia) that is the union of the patient's boxes (x, y, width, height in
-pixels of the DICOM image), resized with the image. Splits as UniMedI Sec. 4.2 (after
+One example per patient: label 1 when any row of stage_2_train_labels.csv has Target 1, a
+mask (class 1 = pneumonia) that is the union of the patient's boxes (x, y, width, height in
+pixels of the DICOM image), resized with the image, and the boxes themselves (`boxes` float32
+(N, 4), x0 y0 x1 y1 in stored pixels; N = 0 without pneumonia). Splits as UniMedI Sec. 4.2 (after
 GLoRIA/MGCA): patients split at random 70% / 15% / 15% (train / validation / test); the
 paper's segmentation split 16,010 / 5,337 / 5,337 is `validation=5337, test=5337`.
 No reports.
 """
 
 from __future__ import annotations
+
+import tensorflow_datasets as tfds
 
 from data_prep import records
 
@@ -24,6 +27,10 @@ class Rsna(records.RecordBuilder):
     MODALITY = "xray"
     LABEL_NAMES = ("pneumonia",)
     HAS_MASK = True
+    HAS_BOXES = True
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Per-image boxes stored next to the mask (`boxes`, x0 y0 x1 y1)."}
     MASK_CLASSES = ("background", "pneumonia")
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     manual_dir is the Kaggle rsna-pneumonia-detection-challenge folder: stage_2_train_labels.csv

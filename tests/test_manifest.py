@@ -97,6 +97,24 @@ def test_ct_and_xray_configs_hold_the_right_records(tmp_path, files):
     np.testing.assert_array_equal(images["xr/b.dcm"]["labels"], [1, -1])
 
 
+def test_box_column(tmp_path, files):
+    rows = [[*r, "2 4 10 6; 0 0 3 3" if r[0] == "xr/a.png" else ""] for r in GOOD_ROWS]
+    csv_path = write_csv(files / "manifest.csv", HEADER + ["boxes"], rows)
+    xray = tfds.builder_from_directory(build(tmp_path / "out", csv_path, "xray").data_dir)
+    assert xray.info.metadata["label_names"] == LABELS  # `boxes` is not a label
+    a = read_all(xray, "validation")["xr/a.png"]
+    # 20 x 30 -> 21 x 32 (scale 32 / 30), padded by 5 rows above.
+    scale, top = XRAY_SIZE / 30, (XRAY_SIZE - int(20 * XRAY_SIZE / 30)) // 2
+    sy = int(20 * XRAY_SIZE / 30) / 20
+    np.testing.assert_allclose(a["boxes"], [[2 * scale, 4 * sy + top, 12 * scale, 10 * sy + top],
+                                            [0, top, 3 * scale, 3 * sy + top]], rtol=1e-5)
+    assert a["mask"].max() == 1 and read_all(xray, "train")["xr/b.dcm"]["boxes"].shape == (0, 4)
+    assert "boxes" not in read_all(build(tmp_path / "ct", csv_path, "ct"), "train")["ct/b.nrrd"]
+    bad = write_csv(files / "bad.csv", HEADER + ["boxes"], [[*GOOD_ROWS[3], "1 2 3"]])
+    with pytest.raises(records.BadRowsError, match="'x y w h'"):
+        build(tmp_path / "bad", bad, "xray")
+
+
 def test_modality_column_and_inference(tmp_path, files):
     mixed = write_csv(files / "m.csv", HEADER, GOOD_ROWS)
     both = manifest.make_builder(tmp_path / "out", manifest=str(mixed))

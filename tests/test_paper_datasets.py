@@ -265,6 +265,10 @@ def test_rsna_labels_boxes_and_masks(tmp_path):
     want[np.ix_(inside(30, 5), inside(20, 5))] = 1
     np.testing.assert_array_equal(stored["p-two"]["mask"], want)
     assert stored["p-none"]["mask"].sum() == 0
+    # Boxes as boxes: (x, y, w, h) of the 40-px DICOM -> (x0, y0, x1, y1) of the 32-px record.
+    np.testing.assert_allclose(stored["p-two"]["boxes"], np.array(
+        [[4, 8, 14, 14], [20, 30, 25, 35]]) * XRAY_SIZE / 40, rtol=1e-6)
+    assert stored["p-none"]["boxes"].shape == (0, 4)
     dcm = root / "stage_2_train_images/p-one.dcm"
     np.testing.assert_array_equal(stored["p-one"]["image"],
                                   readers.pad_resize_xray(readers.read_xray(dcm), XRAY_SIZE))
