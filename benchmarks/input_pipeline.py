@@ -36,13 +36,18 @@ SIZES = {
                   ct_crop=(32, 128, 128)),
 }
 
-_SIZES = flags.DEFINE_list("sizes", ["tiny", "default"], f"Size presets of {sorted(SIZES)}.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Grain worker counts to time.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 256, "Stored train examples per modality.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Examples per batch.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Batches timed per pipeline run (after the first).")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 112, "Report tokens (DESIGN.md: 112).")
-_DATA_DIR = flags.DEFINE_string("bench_data_dir", None, "Build here instead of a temp folder.")
+
+
+def _define_flags() -> None:
+    """The command line's flags, defined when run as a script only (other benchmarks import
+    this module)."""
+    flags.DEFINE_list("sizes", ["tiny", "default"], f"Size presets of {sorted(SIZES)}.")
+    flags.DEFINE_list("workers", ["0", "2"], "Grain worker counts to time.")
+    flags.DEFINE_integer("num_examples", 256, "Stored train examples per modality.")
+    flags.DEFINE_integer("batch_size", 16, "Examples per batch.")
+    flags.DEFINE_integer("steps", 20, "Batches timed per pipeline run (after the first).")
+    flags.DEFINE_integer("max_length", 112, "Report tokens (DESIGN.md: 112).")
+    flags.DEFINE_string("bench_data_dir", None, "Build here instead of a temp folder.")
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -57,12 +62,12 @@ def time_reads(source, count: int) -> float:
     return _rate(count, time.perf_counter() - start)
 
 
-def time_pipeline(source, modality: str, crop, workers: int, tokenizer: str) -> dict:
+def time_pipeline(source, modality: str, crop, workers: int, tokenizer: str, *,
+                  batch_size: int = 16, steps: int = 20, max_length: int = 112) -> dict:
     """Examples/s of the training pipeline, after the first batch, and that batch's wait."""
-    batch_size, steps = _BATCH_SIZE.value, _STEPS.value
     it = iter(pipeline.make_dataset(
         source, modality=modality, batch_size=batch_size, train=True, crop_size=crop,
-        tokenizer_folder=tokenizer, max_length=_MAX_LENGTH.value, seed=0, name=f"bench/{modality}",
+        tokenizer_folder=tokenizer, max_length=max_length, seed=0, name=f"bench/{modality}",
         process_index=0, process_count=1, worker_count=workers))
     try:
         start = time.perf_counter()
@@ -78,7 +83,10 @@ def time_pipeline(source, modality: str, crop, workers: int, tokenizer: str) -> 
     return {f"pipeline_w{workers}": rate, f"startup_w{workers}_s": round(startup, 2)}
 
 
-def bench_size(name: str, data_dir: str, tokenizer: str) -> dict:
+def bench_size(name: str, data_dir: str, tokenizer: str, *, num_examples: int = 256,
+               workers=(0, 2), **timing) -> dict:
+    """Per modality of size preset `name`: build seconds and records/s (module docstring);
+    `timing`: time_pipeline's batch_size, steps, max_length."""
     preset = SIZES[name]
     opts = phantom.PhantomOptions(image_size=preset["image_size"],
                                   volume_size=preset["volume_size"])
@@ -87,7 +95,7 @@ def bench_size(name: str, data_dir: str, tokenizer: str) -> dict:
         start = time.perf_counter()
         builder = build.build_dataset(
             "phantom", os.path.join(data_dir, name), modality=modality,
-            num_train=_NUM_EXAMPLES.value, num_validation=0, num_test=0,
+            num_train=num_examples, num_validation=0, num_test=0,
             image_size=opts.image_size, volume_size=opts.volume_size)
         out = {"build_s": round(time.perf_counter() - start, 2)}
         source = builder.as_data_source("train")
@@ -95,8 +103,8 @@ def bench_size(name: str, data_dir: str, tokenizer: str) -> dict:
         procedural = pipeline.ProceduralPhantomSource(
             modality, phantom.split_seed(opts.seed, "train"), opts)
         out["procedural"] = time_reads(procedural, min(len(source), 128))
-        for workers in (int(w) for w in _WORKERS.value):
-            out.update(time_pipeline(source, modality, crop, workers, tokenizer))
+        for count in workers:
+            out.update(time_pipeline(source, modality, crop, int(count), tokenizer, **timing))
         unit = "volumes/s" if modality == "ct" else "images/s"
         print(f"{name:8s} {modality:4s} ({unit}): " + ", ".join(f"{k} {v}" for k, v in out.items()),
               flush=True)
@@ -107,19 +115,22 @@ def bench_size(name: str, data_dir: str, tokenizer: str) -> dict:
 def main(argv):
     del argv
     tfds.disable_progress_bar()
-
-    unknown = sorted(set(_SIZES.value) - set(SIZES))
+    f = flags.FLAGS
+    unknown = sorted(set(f.sizes) - set(SIZES))
     if unknown:
         raise app.UsageError(f"--sizes: unknown preset(s) {unknown}; known: {sorted(SIZES)}")
     tokenizer = bert.default_checkpoint()
+    timing = dict(batch_size=f.batch_size, steps=f.steps, max_length=f.max_length)
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = _DATA_DIR.value or tmp
-        results = {name: bench_size(name, data_dir, tokenizer) for name in _SIZES.value}
+        data_dir = f.bench_data_dir or tmp
+        results = {name: bench_size(name, data_dir, tokenizer, num_examples=f.num_examples,
+                                    workers=f.workers, **timing) for name in f.sizes}
     print(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-                      "batch_size": _BATCH_SIZE.value, "max_length": _MAX_LENGTH.value,
-                      "num_examples": _NUM_EXAMPLES.value, "sizes": {k: SIZES[k] for k in results},
+                      "batch_size": f.batch_size, "max_length": f.max_length,
+                      "num_examples": f.num_examples, "sizes": {k: SIZES[k] for k in results},
                       "rates": results}))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

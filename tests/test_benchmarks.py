@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
-from benchmarks import common, retrieval_bound, selection_bound
+from benchmarks import common, device_suite, retrieval_bound, selection_bound
 
 FAST_XLA = "--xla_backend_optimization_level=0"
 RUNS = {
@@ -30,6 +30,9 @@ RUNS = {
     "compile": ["benchmarks.compile_paper_config", "--preset=tiny", "--remat=both"],
     "scaling": ["benchmarks.scaling", "--preset=tiny", "--devices=2", "--modes=data",
                 "--steps=1"],
+    # A memory budget, as an accelerator reports one, so the batch estimate runs too.
+    "device_suite": ["benchmarks.device_suite", "--preset=tiny", "--steps=2",
+                     "--pipeline_examples=16", "--device_memory_gb=0.005"],
 }
 
 
@@ -105,6 +108,32 @@ def test_scaling_all_reduces_at_least_the_gradients(results):
     # data parallel: a ring all-reduce of every trained float32 gradient
     np.testing.assert_allclose(data8["bytes_per_device"]["total"],
                                2 * 7 / 8 * 4 * r["paper_trainable_params"], rtol=1e-9)
+
+
+def test_device_suite_reports_every_number(results):
+    r = results["device_suite"]
+    _positive(r, ["step_s", "samples_per_s", "compile_s", "peak_bytes", "flops_per_step",
+                  "wall_s"])
+    assert r["backend"] == "cpu" and r["peak_bf16_flops"] is None and r["mfu"] is None
+    est = r["estimate"]  # the largest multiple of the config's 2:1 ratio within 90% of 5 MB
+    assert r["batch_xray"] == 2 * r["batch_ct"] and r["batch_ct"] >= 1
+    used = lambda b2, b3: est["fixed_bytes"] + b2 * est["bytes_per_xray"] + b3 * est["bytes_per_ct"]
+    assert used(r["batch_xray"], r["batch_ct"]) <= 0.9 * 0.005e9 < used(r["batch_xray"] + 2,
+                                                                        r["batch_ct"] + 1)
+    assert r["attention"]["xla"]["step_s"] > 0
+    assert "error" in r["attention"]["cudnn"]  # no fused attention on the CPU backend
+    assert all(v > 0 for v in r["pipeline_records_per_s_per_core"].values())
+    assert set(r["pipeline_records_per_s_per_core"]) == {"ct", "xray"}
+
+
+def test_published_bf16_peaks_match_device_kinds():
+    assert device_suite.peak_bf16("NVIDIA H100 PCIe") == 756e12
+    assert device_suite.peak_bf16("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_suite.peak_bf16("NVIDIA H200") == 989e12
+    assert device_suite.peak_bf16("NVIDIA L4") == 121e12
+    assert device_suite.peak_bf16("TPU v5 lite") == 197e12
+    assert device_suite.peak_bf16("TPU v5p") == 459e12
+    assert device_suite.peak_bf16("cpu") is None
 
 
 # ---------------------------------------------------------------- HLO parsers
