@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fractions = (0.01, 0.1, 1.0)      # paper Table 5: 1%, 10%, 100%
     c.data.box_classes = ()             # label names detected, one class each; () = all
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3,                        # CPU (ViTDet: 1e-4 at batch 64 for 100 epochs)
+        lr=3e-3,                        # CPU (ViTDet: 1e-4 at batch 64 for 100 epochs)
         weight_decay=1e-4,              # CPU (ViTDet: 0.1)
         batch_size=16,
         max_epochs=6,                   # CPU

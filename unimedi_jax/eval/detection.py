@@ -4,7 +4,7 @@ The ViT's last feature map (stride = patch size) becomes ViTDet's simple feature
 al. 2022): strides 4, 8, 16, 32 from the one map by transposed convolutions (up) and max pooling
 (down), each level then a 1x1 and a 3x3 convolution with channel LayerNorm. A single-stage FCOS
 head (Tian et al. 2019; `config.head`), shared across levels, predicts per location the class
-logits (sigmoid focal loss), the distances (l, t, r, b) to the box sides (ReLU of a per-level
+logits (sigmoid focal loss), the distances (l, t, r, b) to the box sides (exp of a per-level
 scale times the stride; GIoU loss) and the centerness (BCE). Only the pyramid and the head
 train; the encoder stays frozen.
 
@@ -38,6 +38,7 @@ from unimedi_jax.eval import decoders, features, losses, segmentation, tasks
 
 Array = jax.Array
 HEADS = ("fcos",)
+MAX_LOG_DISTANCE = 8.0  # exp(8) strides: far beyond any image, and no overflow
 FIGURE_FILE = "detections.png"
 BOX_FIELDS = ("boxes", "box_classes", "box_valid")
 
@@ -175,8 +176,9 @@ class Scale(nn.Module):
 
 class FCOSHead(nn.Module):
     """FCOS head shared by all levels: two towers of `num_convs` conv3x3-GroupNorm-ReLU; class
-    logits from the first, distances (ReLU(scale_level * x) * stride) and centerness from the
-    second. Returns logits (B, L, K), distances (B, L, 4) in pixels, centerness logits (B, L)."""
+    logits from the first, distances (exp(scale_level * x) * stride, FCOS: positive with a
+    gradient everywhere, a ReLU leaves locations that start negative dead) and centerness from
+    the second. Returns logits (B, L, K), distances (B, L, 4) in pixels, centerness logits (B, L)."""
 
     num_classes: int
     strides: Sequence[int]
@@ -199,9 +201,9 @@ class FCOSHead(nn.Module):
                 c = nn.relu(norm(layer(c)))
             for layer, norm in towers["reg"]:
                 r = nn.relu(norm(layer(r)))
-            scaled = Scale(name=f"level{level}")(reg_out(r))
+            scaled = jnp.minimum(Scale(name=f"level{level}")(reg_out(r)), MAX_LOG_DISTANCE)
             logits.append(cls_out(c).reshape(b, -1, self.num_classes))
-            dists.append((nn.relu(scaled) * s).reshape(b, -1, 4))
+            dists.append((jnp.exp(scaled) * s).reshape(b, -1, 4))
             ctr.append(ctr_out(r).reshape(b, -1))
         return (jnp.concatenate(logits, 1), jnp.concatenate(dists, 1), jnp.concatenate(ctr, 1))
 
