@@ -16,7 +16,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     c = eval_base.get_base("segmentation", "xray")
     # paper appendix 7.2: SETR-PUP; phantom: UNETR, whose skips from the input and blocks resolve
-    # findings smaller than a 16-px patch (docs/RESULTS.md §7)
+    # findings smaller than a 16-px patch (docs/RESULTS.md, segmentation)
     c.decoder = "unetr"
     c.setr = ml_collections.ConfigDict(dict(
         channels=64,                    # CPU (SETR-PUP: 256)
@@ -25,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.unetr = ml_collections.ConfigDict(dict(feature_size=16))  # UNETR: 16 (decoder="unetr")
     c.loss = "focal_dice"               # paper appendix 7.2: alpha * FocalLoss + DiceLoss
     c.focal_alpha = 1.0                 # paper appendix 7.2: 10; at 10 the focal term holds every
-                                        # pixel at background (docs/RESULTS.md §7)
+                                        # pixel at background (docs/RESULTS.md, segmentation)
     c.train_encoder = False             # paper appendix 7.2: frozen encoder, decoder trains
     c.fractions = (0.01, 0.1, 1.0)      # paper: 1%, 10%, 100%
     c.data.seg_classes = ()             # label names segmented; () = all
