@@ -34,7 +34,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
 from unimedi_jax import files
-from unimedi_jax.eval import decoders, features, losses, segmentation, tasks
+from unimedi_jax.eval import decoders, features, segmentation, tasks
 
 Array = jax.Array
 HEADS = ("fcos",)
@@ -176,9 +176,9 @@ class Scale(nn.Module):
 
 class FCOSHead(nn.Module):
     """FCOS head shared by all levels: two towers of `num_convs` conv3x3-GroupNorm-ReLU; class
-    logits from the first, distances (exp(scale_level * x) * stride, FCOS: positive with a
-    gradient everywhere, a ReLU leaves locations that start negative dead) and centerness from
-    the second. Returns logits (B, L, K), distances (B, L, 4) in pixels, centerness logits (B, L)."""
+    logits from the first, distances (exp(scale_level * x) * stride, as FCOS: positive, with a
+    gradient everywhere) and centerness from the second. Returns logits (B, L, K), distances
+    (B, L, 4) in pixels, centerness logits (B, L)."""
 
     num_classes: int
     strides: Sequence[int]
@@ -456,8 +456,7 @@ def run(config, workdir: str) -> dict:
             tasks.steps_per_epoch(len(rows), config.optim),
             lambda: split["validation"], max_epochs=config.optim.max_epochs,
             patience=config.optim.patience)
-        found = features.apply_batched(predict, {**frozen, **trainable},
-                                       ((b, n) for b, n in split["test"]))
+        found = features.apply_batched(predict, {**frozen, **trainable}, split["test"])
         scores = coco_map(found, truth, num_classes)
         results[f"{fraction:g}"] = {
             "num_train": int(len(rows)), **scores,
