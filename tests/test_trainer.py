@@ -59,9 +59,9 @@ def data_dir(tmp_path_factory):
 # (`train.sharding.compile_cpu_collectives_afresh`), so repeated runs of the command compile once.
 ONE_DEVICE = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")}
 
-# The tests sharing the uninterrupted runs below run in one pytest-xdist worker, which computes
-# them once (each worker would otherwise compute its own).
-shares_the_reference_runs = pytest.mark.xdist_group("trainer_reference")
+# The tests sharing the uninterrupted run below run in one pytest-xdist worker, which computes
+# it once (each worker would otherwise compute its own).
+shares_the_reference_run = pytest.mark.xdist_group("trainer_reference")
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +72,7 @@ def reference(tmp_path_factory, data_dir):
     return workdir, summary
 
 
-@pytest.fixture(scope="module")
-def one_device(tmp_path_factory, data_dir):
-    """The same run on a mesh of one device, without the final evaluation."""
-    workdir = tmp_path_factory.mktemp("one_device")
-    trainer.train_and_evaluate(_config(data_dir, mesh=[("data", 1)], eval_at_end=False),
-                               str(workdir))
-    return workdir
-
-
-@shares_the_reference_runs
+@shares_the_reference_run
 def test_run_writes_metrics_checkpoints_and_summary(reference):
     workdir, summary = reference
     rows = [r for r in writers.read_metrics(workdir) if "loss" in r]
@@ -106,10 +97,12 @@ def test_run_writes_metrics_checkpoints_and_summary(reference):
     assert [r["step"] for r in evals] == [0, STEPS]
 
 
-@shares_the_reference_runs
-def test_one_device_matches_eight(reference, one_device):
+@shares_the_reference_run
+def test_one_device_matches_eight(reference, tmp_path, data_dir):
     workdir, _ = reference
-    one = [r["loss"] for r in writers.read_metrics(one_device) if "loss" in r]
+    trainer.train_and_evaluate(_config(data_dir, mesh=[("data", 1)], eval_at_end=False),
+                               str(tmp_path))
+    one = [r["loss"] for r in writers.read_metrics(tmp_path) if "loss" in r]
     eight = [r["loss"] for r in writers.read_metrics(workdir) if "loss" in r]
     # Reductions are ordered differently across devices; Adam then amplifies float noise in
     # near-zero gradients, so the trajectory (not each parameter) is what can match closely.
@@ -127,24 +120,28 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.05)
 
 
-@shares_the_reference_runs
-def test_sigkill_then_resume_equals_uninterrupted(one_device, tmp_path, data_dir):
-    """The command killed after its first checkpoint and run again, on one device (the sharded
-    resume on 8 devices: `test_damaged_latest_checkpoint_falls_back_to_the_previous`)."""
-    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
-    _wait_for(tmp_path / "checkpoints" / "10", proc)
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, data_dir):
+    """The command killed after its first checkpoint and run again ends where it ends
+    uninterrupted; on one device (the sharded resume on 8 devices:
+    `test_damaged_latest_checkpoint_falls_back_to_the_previous`)."""
+    whole, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    proc = _main(whole, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    proc = _main(killed, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
+    _wait_for(killed / "checkpoints" / "10", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    latest = checkpoint.Checkpointer(str(tmp_path)).latest_step()
+    latest = checkpoint.Checkpointer(str(killed)).latest_step()
     assert latest is not None and latest < STEPS, "the kill came too late to test a resume"
-    proc = _main(tmp_path, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
+    proc = _main(killed, data_dir, "--config.eval_at_end=False", env=ONE_DEVICE)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert f"Resuming from the checkpoint of step {latest}" in out
-    for a, b in zip(_final_params(tmp_path), _final_params(one_device)):
+    for a, b in zip(_final_params(killed), _final_params(whole)):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    resumed = [r["loss"] for r in writers.read_metrics(tmp_path) if "loss" in r]
-    uninterrupted = [r["loss"] for r in writers.read_metrics(one_device) if "loss" in r]
+    resumed = [r["loss"] for r in writers.read_metrics(killed) if "loss" in r]
+    uninterrupted = [r["loss"] for r in writers.read_metrics(whole) if "loss" in r]
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
 
 
@@ -164,7 +161,7 @@ def _damaged_copy(workdir, tmp_path, *steps):
     return copy
 
 
-@shares_the_reference_runs
+@shares_the_reference_run
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, data_dir,
                                                               caplog):
     workdir, _ = reference
@@ -185,7 +182,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
     np.testing.assert_allclose(resumed, reference_losses, rtol=1e-5)
 
 
-@shares_the_reference_runs
+@shares_the_reference_run
 def test_every_checkpoint_damaged_is_a_clear_error(reference, tmp_path, data_dir):
     workdir, _ = reference
     copy = _damaged_copy(workdir, tmp_path, 20, STEPS)
@@ -200,7 +197,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(reference, tmp_path, data_dir
     assert (copy / "metrics.jsonl").read_text() == metrics  # nothing started afresh
 
 
-@shares_the_reference_runs
+@shares_the_reference_run
 def test_load_pretrained_of_a_damaged_step(reference, tmp_path, caplog):
     workdir, _ = reference
     copy = _damaged_copy(workdir, tmp_path, STEPS)
