@@ -19,3 +19,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The longest test files first: pytest-xdist (`--dist=loadfile`, pytest.ini) hands out whole
+# files in collection order, so these start at once and the short ones fill in around them.
+LONGEST_FIRST = ("test_trainer.py", "test_learning.py", "test_trainer_processes.py",
+                 "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise

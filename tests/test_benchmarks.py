@@ -36,10 +36,6 @@ RUNS = {
 }
 
 
-# Every test here shares the module's runs: one pytest-xdist worker computes them (pytest.ini).
-pytestmark = pytest.mark.xdist_group("benchmark_runs")
-
-
 @pytest.fixture(scope="module")
 def results() -> dict:
     env = dict(os.environ, XLA_FLAGS=FAST_XLA, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),

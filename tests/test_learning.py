@@ -105,10 +105,6 @@ def _ladder(workdir: Path, data_dir: Path, config: str, *args: str) -> subproces
                             stderr=subprocess.STDOUT, text=True)
 
 
-# Every test here shares the module's runs: one pytest-xdist worker computes them (pytest.ini).
-pytestmark = pytest.mark.xdist_group("learning_runs")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """{"phantom", "planted"}: (workdir, ladder.json) of the two runs."""
