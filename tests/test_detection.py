@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import planted_squares
 from configs import detection_2d
 from unimedi_jax.eval import detection, tasks
 from unimedi_jax.models import vit as vit_lib
@@ -151,13 +152,7 @@ def test_detector_learns_planted_boxes():
     rng = np.random.default_rng(0)
 
     def batch(n):
-        images = rng.normal(0, 0.3, (n, IMAGE, IMAGE)).astype(np.float32)
-        masks = np.zeros((n, IMAGE, IMAGE), np.uint8)
-        for i in range(n):
-            r, c, s = *rng.integers(0, IMAGE - 16, 2), rng.integers(10, 16)
-            images[i, r:r + s, c:c + s] += 1.5
-            masks[i, r:r + s, c:c + s] = 1
-        return detection.with_boxes({"image": images, "mask": masks}, table, 1, 4)
+        return detection.with_boxes(planted_squares(rng, n, IMAGE, (10, 16), 1), table, 1, 4)
 
     table = np.zeros(256, np.int32)
     table[1] = 1

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import planted_squares
 from unimedi_jax import main
 from unimedi_jax.data import preprocess, text
 from unimedi_jax.eval import features, metrics, retrieval, tasks
@@ -308,14 +309,8 @@ def test_segmentation_learns_planted_mask():
 
     rng = np.random.default_rng(0)
 
-    def batch(n):
-        images = rng.normal(0, 0.3, (n, IMAGE, IMAGE)).astype(np.float32)
-        masks = np.zeros((n, IMAGE, IMAGE), np.uint8)
-        for i in range(n):
-            r, c, s = *rng.integers(0, IMAGE - 12, 2), rng.integers(6, 12)
-            images[i, r:r + s, c:c + s] += 1.5
-            masks[i, r:r + s, c:c + s] = 4  # stored class 4 = label 3 ("effusion")
-        return {"image": images, "mask": masks}
+    def batch(n):  # stored class 4 = label 3 ("effusion")
+        return planted_squares(rng, n, IMAGE, (6, 12), 4)
 
     config = ml_collections.ConfigDict({"data": {"modality": "xray"}, "loss": "focal_dice",
                                         "focal_alpha": 10.0})
