@@ -46,7 +46,7 @@ PEAK_BF16 = (
 )
 MEMORY_FRACTION = 0.9  # of the device's bytes_limit the batch estimate may fill
 ATTENTION = ("xla", "cudnn")
-SIZES = {"paper": "paper", "tiny": "tiny"}  # preset -> input_pipeline size preset
+PRESETS = ("paper", "tiny")  # also input_pipeline.SIZES names
 
 
 def peak_bf16(device_kind: str) -> float | None:
@@ -109,7 +109,7 @@ def _is_out_of_memory(error: Exception) -> bool:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=tuple(SIZES), default="paper")
+    parser.add_argument("--preset", choices=PRESETS, default="paper")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--device_memory_gb", type=float, default=None,
                         help="memory to fit the batch into (GB, 10^9 bytes); default: the "
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         rates = input_pipeline.bench_size(
-            SIZES[args.preset], tmp, bert.default_checkpoint(),
+            args.preset, tmp, bert.default_checkpoint(),
             num_examples=args.pipeline_examples, workers=(0,),
             max_length=config.model.text.max_length)
     result["pipeline_records_per_s_per_core"] = {m: r["pipeline_w0"] for m, r in rates.items()}
