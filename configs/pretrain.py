@@ -21,6 +21,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "pretrain"
     c.seed = 0
+    c.method = "unimedi"                # "unimedi" | "joint" | "drasclr" (objective/methods.py;
+                                        #   configs/pretrain_joint.py, pretrain_drasclr.py)
     c.total_steps = 600                 # CPU: the default run in under 10 minutes on 2 cores
     c.log_every_steps = 10
     c.eval_every_steps = 300

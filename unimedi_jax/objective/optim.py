@@ -37,8 +37,14 @@ def trainable_mask(params: PyTree, config) -> PyTree:
 
     Text encoder (`params["text"]`): `model.text.trainable_layers` = n >= 0 trains its last n
     layers (embeddings frozen); -1 trains all of it. The logit scale trains when
-    `objective.clip.learnable`. Every other leaf trains.
+    `objective.clip.learnable`. Every other leaf trains (all of them for a params dict without
+    "text", a method without language).
     """
+    mask = {k: jax.tree.map(lambda _: True, v) for k, v in params.items()}
+    if "logit_scale" in params:
+        mask["logit_scale"] = bool(config.objective.clip.learnable)
+    if "text" not in params:  # a method without language (docs/DESIGN.md §4.8-4.9)
+        return mask
     n = config.model.text.trainable_layers
     num_layers = sum(k.startswith(TEXT_LAYER_PREFIX) for k in params["text"])
     if not -1 <= n <= num_layers:
@@ -52,9 +58,7 @@ def trainable_mask(params: PyTree, config) -> PyTree:
         return (key.startswith(TEXT_LAYER_PREFIX)
                 and int(key[len(TEXT_LAYER_PREFIX):]) >= first_trained)
 
-    mask = {k: jax.tree.map(lambda _: True, v) for k, v in params.items()}
     mask["text"] = {k: jax.tree.map(lambda _: text_trains(k), v) for k, v in params["text"].items()}
-    mask["logit_scale"] = bool(config.objective.clip.learnable)
     return mask
 
 

@@ -45,14 +45,13 @@ import jax.numpy as jnp
 import optax
 
 from unimedi_jax.models.unimedi import UniMedI, teacher_params
-from unimedi_jax.objective import losses, masking, pair, schedules, selection
+from unimedi_jax.objective import losses, masking, pair, schedules, selection, update
 from unimedi_jax.objective.ema import ema_update
-from unimedi_jax.objective.optim import applied_updates, make_optimizer, trainable_mask
+from unimedi_jax.objective.optim import make_optimizer, trainable_mask
 
 Array = jax.Array
 MODALITIES = ("xray", "ct")  # batch keys, in the order their samples enter the CLIP matrix
 SELECTION_MODES = ("attentive", "random", "none")
-ON_NONFINITE = ("stop", "skip")
 # objective.clip.targets: "pairs" (each image's own report is its one positive, CLIP) or
 # "findings" (every report in the batch with the image's label set is a positive: soft targets
 # as MedCLIP, so reports that say the same are not pushed apart as negatives)
@@ -335,37 +334,25 @@ def make_train_step(model: UniMedI, config, optimizer: optax.GradientTransformat
     """A pure `(state, batch, rng) -> (new_state, metrics)` for `jax.jit`.
 
     Applies the optimiser, then the EMA teacher update with the scheduled momentum (from the
-    updated student, as DINO), and the new centres. `rng` is a base key: the step number is
-    folded in here. metrics add grad_norm, lr, ema_momentum and `finite` (loss and gradient
-    norm finite); with config.on_nonfinite == "skip" a non-finite step leaves the state as it
-    was except `step` (selected with jnp.where, no host round trip; the optimiser's own step
-    count, hence its learning-rate schedule, does not advance on a skipped step). "stop" leaves
-    the decision to the caller, which reads `finite`.
+    updated student, as DINO), and the new centres (`update.apply_gradients`, which also skips
+    a non-finite step under config.on_nonfinite == "skip"). `rng` is a base key: the step
+    number is folded in here. metrics add grad_norm, lr, ema_momentum and `finite`.
     """
-    if config.on_nonfinite not in ON_NONFINITE:
-        raise ValueError(f"on_nonfinite={config.on_nonfinite!r}; expected one of {ON_NONFINITE}")
+    update.check_on_nonfinite(config)
     sd = config.objective.sd
-    lr_schedule = schedules.learning_rate(config.optim, config.total_steps)
 
     def train_step(state: dict, batch: dict, rng: Array) -> tuple[dict, dict]:
         step = state["step"]
         loss, grads, metrics, centers = pretrain_step(
             state["params"], state["teacher"], state["centers"], batch,
             jax.random.fold_in(rng, step), step, model=model, config=config)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         momentum = schedules.ema_momentum(step, config.total_steps, sd.ema_start, sd.ema_end)
-        new = {"params": params, "teacher": ema_update(state["teacher"], params, momentum),
-               "opt_state": opt_state, "centers": centers}
-        if config.on_nonfinite == "skip":
-            old = {k: state[k] for k in new}
-            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        # The rate this update applied: the optimiser's count lags `step` after skipped steps.
-        metrics.update(grad_norm=grad_norm, finite=finite, ema_momentum=momentum,
-                       lr=lr_schedule(applied_updates(state["opt_state"])))
-        return {"step": step + 1, **new}, metrics
+        new_state, applied = update.apply_gradients(
+            state, loss, grads, optimizer, config,
+            after=lambda params: {"teacher": ema_update(state["teacher"], params, momentum),
+                                  "centers": centers})
+        metrics.update(applied, ema_momentum=momentum)
+        return new_state, metrics
 
     return train_step
 

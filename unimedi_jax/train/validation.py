@@ -7,7 +7,7 @@ import os
 import ml_collections
 
 from unimedi_jax.models import layers
-from unimedi_jax.objective import masking, pair, selection, step
+from unimedi_jax.objective import masking, pair, selection, step, update
 
 # The allowed values, as the modules that read them define them.
 CHOICES = {
@@ -16,7 +16,7 @@ CHOICES = {
     "objective.masking.mode": masking.MODES,
     "objective.masking.style": masking.STYLES,
     "objective.clip.targets": step.CLIP_TARGETS,
-    "on_nonfinite": step.ON_NONFINITE,
+    "on_nonfinite": update.ON_NONFINITE,
     # "" picks by backend; the others name one of models/layers.py's attentions.
     "model.vit.attn_implementation": ("", *filter(None, layers.ATTENTION_IMPLEMENTATIONS)),
 }
