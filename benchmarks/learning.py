@@ -21,6 +21,11 @@ another; seed N sets config.seed, hence the initial weights and the data order):
   its configured loss; docs/DESIGN.md §4.7): both bridges, language and DRR.
 - pair_only (not in the default list): SD + attentive selection + the DRR bridge without the
   CLIP loss (`objective.clip.weight=0`): the DRR bridge alone, UniMiSS+-style, no text.
+- joint, drasclr (not in the default list): the other methods on the same ViT
+  (`config.method`; docs/DESIGN.md §4.8-4.9): the base config with the `method`, `optim`,
+  `objective.<method>` and `objective.views` of configs/pretrain_<method>.py at the base config's
+  size (the `:test` of --config passes on). No text: zero-shot, retrieval and selection are n/a
+  (null), the backbone collapse (`cls_*`) is measured as for every arm.
 The trained arms set those two keys (and objective.pair.enabled, on for the DRR-bridge arms
 only) themselves, whatever the base config says. Paper Table 7
 names: `vl` = clip_random, `vl_sd` = clip_sd_random, `vl_sd_attn` = unimedi (aliases of
@@ -78,13 +83,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from configs import linear_probe_2d, linear_probe_3d
+from configs import linear_probe_2d, linear_probe_3d, pretrain_drasclr, pretrain_joint
 from unimedi_jax import files
 from unimedi_jax.data import pipeline
 from unimedi_jax.eval import features, linear_probe, losses, metrics, pretrain_eval, tasks
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.objective import optim
-from unimedi_jax.objective import step as step_lib
+from unimedi_jax.objective import methods, optim
 from unimedi_jax.train import checkpoint
 from unimedi_jax.train import sharding as shd
 from unimedi_jax.train import trainer, validation, writers
@@ -94,7 +98,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("random", "supervised", "clip", "clip_sd", "clip_sd_random", "unimedi")  # the default
 # Every known arm: the default ones, clip_random (CLIP + random slices, no SD: Table 7's VL) and
 # the DRR-bridge arms.
-KNOWN_ARMS = ARMS + ("clip_random", "unimedi_pair", "pair_only")
+KNOWN_ARMS = ARMS + ("clip_random", "unimedi_pair", "pair_only", "joint", "drasclr")
 # Trained arms: (objective.sd.enabled, objective.selection.mode).
 OBJECTIVES = {"clip": (False, "none"), "clip_random": (False, "random"),
               "clip_sd": (True, "none"), "clip_sd_random": (True, "random"),
@@ -102,6 +106,8 @@ OBJECTIVES = {"clip": (False, "none"), "clip_random": (False, "random"),
               "pair_only": (True, "attentive")}
 # The DRR-bridge arms: objective.pair.enabled, with objective.clip.weight (0: no text).
 PAIR_ARMS = {"unimedi_pair": 1.0, "pair_only": 0.0}
+# Other methods on the same backbone, by their config files (configs/pretrain_<arm>.py).
+METHOD_ARMS = {"joint": pretrain_joint, "drasclr": pretrain_drasclr}
 # The paper's Table 7 rows: VL is L_vl "with random slices selection", SD adds L_icl + L_pcl,
 # Attn makes the selection attentive.
 ALIASES = {"vl": "clip_random", "vl_sd": "clip_sd_random", "vl_sd_attn": "unimedi"}
@@ -178,10 +184,19 @@ def arm_dir(workdir: str, arm: str, seed: int) -> str:
     return os.path.join(workdir, arm if seed == 0 else f"{arm}_seed{seed}")
 
 
-def arm_config(config, arm: str, seed: int):
-    """A copy of the base config for one arm and seed (config.seed also seeds the data)."""
+def arm_config(config, arm: str, seed: int, config_arg: str = ""):
+    """A copy of the base config for one arm and seed (config.seed also seeds the data).
+
+    config_arg: the base config file's argument ("test" for the seconds-long size), which a
+    method arm passes to its own config file."""
     cfg = copy.deepcopy(config)
     cfg.seed = seed
+    if arm in METHOD_ARMS:
+        method = METHOD_ARMS[arm].get_config(config_arg)
+        with cfg.unlocked():
+            cfg.method, cfg.optim = method.method, copy.deepcopy(method.optim)
+            cfg.objective[arm] = copy.deepcopy(method.objective[arm])
+            cfg.objective.views = copy.deepcopy(method.objective.views)
     if arm in OBJECTIVES:
         cfg.objective.sd.enabled, cfg.objective.selection.mode = OBJECTIVES[arm]
         cfg.objective.pair.enabled = arm in PAIR_ARMS
@@ -195,7 +210,7 @@ def arm_config(config, arm: str, seed: int):
 def initial_params(cfg) -> dict:
     """The trainer's initial student params (host numpy) for cfg.seed: the random arm, and the
     start of every other arm (trainer.train_and_evaluate derives init_rng the same way)."""
-    setup = step_lib.make_setup(cfg)
+    setup = methods.make_setup(cfg)
     init_rng, _ = jax.random.split(jax.random.key(cfg.seed))
     state = jax.jit(setup.init)(init_rng, setup.text_params)
     return jax.tree.map(np.asarray, state["params"])
@@ -348,7 +363,8 @@ def measure(arm: str, cfg, data, params: dict, probing: Probing) -> dict:
         if cfg.data[f"batch_size_{modality}"]:
             got, names[modality] = probe_metrics(cfg, data, params, modality, probing, cfg.seed)
             out.update(got)
-    if arm != "supervised":  # no text tower trained: CLIP-space metrics do not apply
+    # No text tower trained (supervised, joint, drasclr): CLIP-space metrics do not apply.
+    if arm != "supervised" and methods.has_text(cfg):
         test = {m: data.source(m, "test") if cfg.data[f"batch_size_{m}"] else None
                 for m in MODALITIES}
         out.update(pretrain_eval.evaluate(params, cfg, test["ct"], test["xray"], data.train_ct))
@@ -360,13 +376,14 @@ def _finite_or_none(values: dict) -> dict:
             if np.ndim(v) == 0}
 
 
-def run_arm(config, arm: str, seed: int, probing: Probing, workdir: str) -> dict:
+def run_arm(config, arm: str, seed: int, probing: Probing, workdir: str,
+            config_arg: str = "") -> dict:
     """Trains (unless random) and measures one arm; writes and returns its ladder_arm.json."""
-    cfg = arm_config(config, arm, seed)
+    cfg = arm_config(config, arm, seed, config_arg)
     os.makedirs(workdir, exist_ok=True)
     data = pipeline.make_pretrain_data(cfg, UniMedI.from_config(cfg).text_checkpoint)
     start = time.perf_counter()
-    if arm in OBJECTIVES:
+    if arm in OBJECTIVES or arm in METHOD_ARMS:
         params = pretrain(cfg, workdir)
     else:
         params = initial_params(cfg)
@@ -602,9 +619,10 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def run_ladder(config, arms: Sequence[str], seeds: Sequence[int], probing: Probing,
-               workdir: str) -> dict:
+               workdir: str, config_arg: str = "") -> dict:
     """Runs (or reloads) every arm and seed, then writes ladder.json, ladder.md, curves.png and
-    findings.png into workdir; returns the ladder.json dict. `arms` may hold aliases."""
+    findings.png into workdir; returns the ladder.json dict. `arms` may hold aliases;
+    config_arg: the argument of the base config file (`arm_config`)."""
     requested = list(arms)
     arms = resolve_arms(arms)
     aliases = {ALIASES[a]: a for a in requested if a in ALIASES}
@@ -623,7 +641,7 @@ def run_ladder(config, arms: Sequence[str], seeds: Sequence[int], probing: Probi
         else:
             logging.info("[ladder %d/%d] %s seed %d: running in %s", i, len(todo), arm, seed,
                          folder)
-            result = run_arm(config, arm, seed, probing, folder)
+            result = run_arm(config, arm, seed, probing, folder, config_arg)
             logging.info("[ladder %d/%d] %s seed %d: trained in %.0f s, measured in %.0f s",
                          i, len(todo), arm, seed, result["train_s"], result["measure_s"])
         if result["probing"] != probing.as_dict():
@@ -700,7 +718,8 @@ def main(argv):
     shd.compile_cpu_collectives_afresh()
     start = time.perf_counter()
     workdir = _FLAGS["workdir"].value
-    ladder = run_ladder(_FLAGS["config"].value, arms, seeds, probing, workdir)
+    config_arg = config_flags.get_config_filename(_FLAGS["config"]).partition(":")[2]
+    ladder = run_ladder(_FLAGS["config"].value, arms, seeds, probing, workdir, config_arg)
     print(Path(workdir, "ladder.md").expanduser().read_text())
     print(format_targets(ladder))
     print(f"ladder: {len(ladder['arms'])} arm(s) x {len(seeds)} seed(s) in "

@@ -213,7 +213,8 @@ def test_evaluate_real_model_tiny():
     config.eval.update(max_examples=10, batch_size=4)
     opts = phantom.PhantomOptions(volume_size=(16, 32, 32), image_size=40)
     source = lambda m, s: pipeline.ProceduralPhantomSource(m, phantom.split_seed(0, s), opts, 12)
-    params = UniMedI.from_config(config).init(jax.random.key(0))
+    model = UniMedI.from_config(config)
+    params = model.init(jax.random.key(0))
     got = pretrain_eval.evaluate(params, config, source("ct", "validation"),
                                  source("xray", "validation"), source("ct", "train"))
     for m in ("ct", "xray"):
@@ -223,6 +224,44 @@ def test_evaluate_real_model_tiny():
     for key in ("retrieval_r1", "retrieval_r1_findings", "retrieval_r1_findings_baseline",
                 "slice_precision", "slice_precision_random", "slice_precision_prior"):
         assert 0.0 <= got[key] <= 1.0, key
+    assert 0.0 <= got["zero_shot_mean_auroc"] <= 1.0
+
+    # A later evaluation (other weights, as during training) reuses every compiled evaluator.
+    other = {**params, "vision": jax.jit(model.init_random)(jax.random.key(1))["vision"]}
+    again = pretrain_eval.evaluate(other, config, source("ct", "validation"),
+                                   source("xray", "validation"), source("ct", "train"))
+    assert again["image_embedding_mean_cosine"] != got["image_embedding_mean_cosine"]
+    sel = features.Selection.from_config(config.objective.selection)
+    for m in ("ct", "xray"):
+        assert features.clip_encoder(model, m, sel)._cache_size() == 1, m
+    assert features._text_encoder(model)._cache_size() == 1
+
+    # A method without language: the collapse of the backbone [CLS] alone.
+    config.method = "joint"
+    vision = {"vision": params["vision"]}
+    got = pretrain_eval.evaluate(vision, config, source("ct", "validation"),
+                                 source("xray", "validation"), source("ct", "train"))
+    cls = {"ct": model.encode_image(vision, volume=np.stack(
+               [r["volume"] for r in _center(source("ct", "validation"), "ct", config)]))[0],
+           "xray": model.encode_image(vision, images=np.stack(
+               [r["image"] for r in _center(source("xray", "validation"), "xray", config)]
+           )[:, None])[0]}
+    for m in ("ct", "xray"):
+        x = np.asarray(cls[m], np.float64)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        n = len(x)
+        expected = ((x @ x.T).sum() - n) / (n * (n - 1))
+        assert got[f"cls_mean_cosine_{m}"] == pytest.approx(expected, abs=1e-5), m
+    assert set(got) == {f"cls_{k}{m}" for k in ("mean_cosine", "effective_rank")
+                        for m in ("", "_ct", "_xray")}
+
+
+def _center(source, modality: str, config) -> list[dict]:
+    """The first config.eval.max_examples records of source through the evaluation view."""
+    from unimedi_jax.data import transforms
+
+    crop = transforms.CenterCrop(modality, config.data[modality].crop_size)
+    return [crop.map(dict(source[i])) for i in range(config.eval.max_examples)]
 
 
 def test_eval_batches_pad_and_check_records():

@@ -2,9 +2,10 @@
 
 Two runs of `python -m benchmarks.learning` in subprocesses, started together (compiling is
 mostly single-threaded) with XLA backend optimisation level 0, as tests/test_benchmarks.py:
-- every arm on configs/pretrain.py:test (the seconds-long phantom): every metric of every arm is
-  in ladder.json, finite where defined, n/a (null) where it does not apply; ladder.md and the
-  plots are written; a second call reuses the arms' results;
+- the arms of PHANTOM_ARMS on configs/pretrain.py:test (the seconds-long phantom), the other
+  methods (Joint, DrasCLR) among them: every metric of every arm is in ladder.json, finite where
+  defined, n/a (null) where it does not apply; ladder.md and the plots are written; a second call
+  reuses the arms' results; the other methods' encoders load in `inference` and the export;
 - random, supervised and clip on a planted dataset (a manifest of tiny X-rays and volumes where
   the positives hold a bright block and their report says so): both trained arms' frozen
   features probe better than the random init's.
@@ -34,6 +35,11 @@ FINDINGS = ("nodule", "consolidation", "ground_glass", "effusion", "cardiomegaly
 EVAL_KEYS = ("zero_shot_mean_auroc", "retrieval_r1_findings", "retrieval_r1_findings_baseline",
              "slice_precision", "slice_precision_random", "slice_precision_prior",
              "image_embedding_mean_cosine", "image_embedding_effective_rank")
+# The phantom run's arms: the floor, the ceiling, CLIP alone, UniMedI, and the other methods on
+# the same backbone (the other UniMedI ablations differ from these by config switches only,
+# `test_arm_names_and_aliases`).
+PHANTOM_ARMS = ("random", "supervised", "clip", "unimedi", "joint", "drasclr")
+NO_TEXT_ARMS = ("supervised", "joint", "drasclr")  # CLIP-space metrics n/a
 PLANTED_STEPS = 40
 PLANTED_COUNTS = {"train": 48, "validation": 24, "test": 48}
 
@@ -112,7 +118,8 @@ def runs(tmp_path_factory) -> dict:
     manifest = write_planted(tmp / "planted_raw", PLANTED_COUNTS)
     (tmp / "planted_config.py").write_text(PLANTED_CONFIG)
     procs = {
-        "phantom": _ladder(tmp / "phantom", tmp / "phantom_data", "configs/pretrain.py:test"),
+        "phantom": _ladder(tmp / "phantom", tmp / "phantom_data", "configs/pretrain.py:test",
+                           f"--arms={','.join(PHANTOM_ARMS)}"),
         "planted": _ladder(tmp / "planted", tmp / "planted_data",
                            f"{tmp / 'planted_config.py'}:{manifest}",
                            "--arms=random,supervised,clip", "--probe_lr=1e-2"),
@@ -132,11 +139,11 @@ def _finite(value) -> bool:
 
 def test_every_arm_has_every_metric(runs):
     workdir, ladder = runs["phantom"]
-    assert ladder["arms"] == list(learning.ARMS) and ladder["seeds"] == [0]
+    assert ladder["arms"] == list(PHANTOM_ARMS) and ladder["seeds"] == [0]
     assert ladder["fractions"] == [1.0, 0.1]
     summary = ladder["summary"]
     keys = set(summary["unimedi"])
-    for arm in learning.ARMS:
+    for arm in PHANTOM_ARMS:
         assert set(summary[arm]) == keys, arm  # the same columns for every arm
         m = {k: s["mean"] for k, s in summary[arm].items()}
         for modality in ("xray", "ct"):
@@ -147,7 +154,7 @@ def test_every_arm_has_every_metric(runs):
             assert -1.0 <= m[f"cls_mean_cosine_{modality}"] <= 1.0
             assert m[f"cls_effective_rank_{modality}"] >= 1.0
         zero_shot = [f"zero_shot_auroc_{f}" for f in FINDINGS]
-        if arm == "supervised":  # no text tower trained: n/a, not zero
+        if arm in NO_TEXT_ARMS:  # no text tower trained: n/a, not zero
             assert all(m[k] is None for k in (*EVAL_KEYS, *zero_shot)), m
         else:
             assert all(_finite(m[k]) for k in EVAL_KEYS), (arm, m)
@@ -169,16 +176,61 @@ def test_every_arm_has_every_metric(runs):
 def test_tables_plots_and_curves_are_written(runs):
     workdir, ladder = runs["phantom"]
     table = (workdir / "ladder.md").read_text()
-    for arm in learning.ARMS:
+    for arm in PHANTOM_ARMS:
         assert f"\n| {arm} |" in table
     assert "n/a" in table and "## Targets" in table
     for name in ("curves.png", "findings.png"):
         data = (workdir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-    for arm in ("supervised", "clip", "clip_sd", "clip_sd_random", "unimedi"):
+    for arm in PHANTOM_ARMS[1:]:
         rows = [json.loads(line) for line in open(workdir / arm / "metrics.jsonl")]
         assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6], arm
     assert not (workdir / "random" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("arm", ["joint", "drasclr"])
+def test_other_methods_load_in_inference_and_export(runs, arm, tmp_path):
+    """A Joint or DrasCLR run's encoder: `inference.load` gives its ViT's [CLS] (the image-report
+    space is a clear error), the eval summary holds the backbone's collapse from step 0 on, the
+    export holds the encoder alone and the PyTorch port reproduces its [CLS]."""
+    import torch
+
+    from unimedi_jax import inference
+    from unimedi_jax.export import export as export_lib
+    from unimedi_jax.export.torch_model import UniMedIVisionTorch
+    from unimedi_jax.train import checkpoint
+
+    workdir = runs["phantom"][0] / arm
+    config, params = checkpoint.load_pretrained(str(workdir))
+    assert config.method == arm and "text" not in params
+    summary = json.loads((workdir / "eval_summary.json").read_text())
+    for key in ("cls_mean_cosine", "cls_effective_rank"):
+        assert _finite(summary[key]) and _finite(summary[f"{key}_init"]), (key, summary)
+    assert not any(k.startswith(("zero_shot", "retrieval")) for k in summary)
+
+    enc = inference.load(workdir)
+    vit = enc.model.vit
+    rng = np.random.default_rng(0)
+    volumes = rng.normal(size=(2, *vit.volume_size)).astype(np.float32)
+    images = rng.normal(size=(3, vit.image_size, vit.image_size)).astype(np.float32)
+    cls_ct, _ = vit.apply({"params": params["vision"]}, volume=volumes)
+    cls_xray, _ = vit.apply({"params": params["vision"]}, images=images[:, None])
+    np.testing.assert_allclose(enc.encode_ct(volumes), cls_ct, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(enc.encode_xray(images), cls_xray, rtol=1e-5, atol=1e-5)
+    for call in (lambda: enc.embed_ct(volumes), lambda: enc.encode_report("no finding")):
+        with pytest.raises(ValueError, match=f"'{arm}' run.*no language"):
+            call()
+
+    out = export_lib.export(workdir, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "vision.safetensors"]
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["method"] == arm and exported["text"] is None and exported["heads"] is None
+    torch_model = UniMedIVisionTorch.from_export(out)
+    with torch.no_grad():
+        got = torch_model(volume=torch.from_numpy(volumes)).numpy()
+    np.testing.assert_allclose(got, cls_ct, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no projection heads"):
+        torch_model.embed(volume=torch.from_numpy(volumes))
 
 
 def test_a_second_call_reuses_the_results(runs, tmp_path):
@@ -233,6 +285,19 @@ def test_arm_names_and_aliases():
     assert (config.seed, config.data.seed) == (3, 3)
     assert config.objective.sd.enabled and config.objective.selection.mode == "random"
     assert learning.arm_config(_base_config(), "clip", 0).objective.sd.enabled is False
+    assert learning.arm_config(_base_config(), "clip_sd", 0).objective.selection.mode == "none"
+    # The other methods: their own config file's method, optimiser and sections, at the base
+    # config's size and on its data.
+    from configs import pretrain_drasclr, pretrain_joint
+    for arm, module in (("joint", pretrain_joint), ("drasclr", pretrain_drasclr)):
+        base = _base_config()
+        base.data.data_dir = "/somewhere"
+        config = learning.arm_config(base, arm, 1, "test")
+        own = module.get_config("test")
+        assert config.method == arm and config.seed == 1
+        assert config.objective[arm] == own.objective[arm]
+        assert config.objective.views == own.objective.views and config.optim == own.optim
+        assert config.model == own.model and config.data.data_dir == "/somewhere"
 
 
 def _base_config():

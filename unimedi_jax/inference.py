@@ -40,13 +40,14 @@ from unimedi_jax.eval import zero_shot as zero_shot_lib
 from unimedi_jax.models import bundle
 from unimedi_jax.models.layers import l2_normalize
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.objective import selection
+from unimedi_jax.objective import methods, selection
 from unimedi_jax.objective.step import logit_scale
 from unimedi_jax.train import checkpoint
 
 Array = jax.Array
 DEFAULT_BATCH_SIZE = 32  # samples per jitted call: memory against per-call overhead
 REQUIRED_PARAMS = ("vision", "text", "img_proj", "txt_proj", "logit_scale")
+VISION_PARAMS = ("vision",)  # a method without language (`objective.methods.has_text`)
 
 
 def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[Path, int]:
@@ -146,6 +147,8 @@ class Encoder:
 
     Build with `load(workdir)` or `Encoder.from_params(config, params)`. `encode_*` give
     final-norm CLS features, `embed_*` and `encode_report` unit vectors of the shared space.
+    The encoder of a method without language (config.method "joint", "drasclr") has the
+    `encode_*` features and slice scores only: the shared space needs a UniMedI run.
     """
 
     def __init__(self, model: UniMedI, params: dict, tokenizer, config,
@@ -156,21 +159,28 @@ class Encoder:
         self.config = config
         self.params = jax.device_put(params)
         self.max_length = int(config.model.text.max_length)
+        self.method = methods.name(config)
+        self.has_text = methods.has_text(config)
         sel = config.objective.selection
         self.slice_mode = sel.slice_mode
         self.slice_layers = int(sel.get("layers", 0))  # configs saved before the key: all
-        self.default_slices = 0 if sel.mode == "none" else int(sel.k)
-        self.logit_scale = float(logit_scale(self.params, config.objective.clip))
+        # A CT's training form: joined with its selected slices in UniMedI only.
+        self.default_slices = 0 if sel.mode == "none" or not self.has_text else int(sel.k)
+        self.logit_scale = (float(logit_scale(self.params, config.objective.clip))
+                            if self.has_text else None)
 
     @classmethod
     def from_params(cls, config, params: dict, batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
-        """From a run config and its student params (`models.unimedi` layout)."""
-        missing = [k for k in REQUIRED_PARAMS if k not in params]
+        """From a run config and its student params (`models.unimedi` layout; {"vision", ...}
+        for a method without language)."""
+        required = REQUIRED_PARAMS if methods.has_text(config) else VISION_PARAMS
+        missing = [k for k in required if k not in params]
         if missing:
             raise KeyError(f"params lack {missing}; the Encoder needs the student parameters "
-                           f"{list(REQUIRED_PARAMS)}")
+                           f"{list(required)}")
         model = UniMedI.from_config(config)
-        tokenizer = text_lib.load_tokenizer(model.text_checkpoint)
+        tokenizer = (text_lib.load_tokenizer(model.text_checkpoint)
+                     if methods.has_text(config) else None)
         return cls(model, jax.tree.map(jnp.asarray, params), tokenizer, config, batch_size)
 
     @property
@@ -228,7 +238,14 @@ class Encoder:
         return self._batched(_image_cls, volumes, slices=self._ct_slices(slices, volumes),
                              mode=self.slice_mode, layers=self.slice_layers)
 
+    def _need_text(self, what: str) -> None:
+        if not self.has_text:
+            raise ValueError(f"{what} needs the image-report space, which a {self.method!r} run "
+                             "(no language) does not train; encode_xray / encode_ct give its "
+                             "backbone features")
+
     def _embed(self, cls: np.ndarray) -> np.ndarray:
+        self._need_text("embed_xray / embed_ct")
         return self._batched(_image_embedding, cls)
 
     def embed_xray(self, images) -> np.ndarray:
@@ -244,6 +261,7 @@ class Encoder:
 
         Tokenised with the run's tokenizer to `max_length` tokens (longer reports truncated).
         """
+        self._need_text("encode_report")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not texts:
@@ -327,6 +345,7 @@ class Encoder:
         A score is the cosine with the mean positive embedding minus that with the mean
         negative one, as the run's zero-shot evaluation (`eval.zero_shot`).
         """
+        self._need_text("score_findings")
         _, positive, negative = zero_shot_lib.prompt_embeddings(self.model, self.params, prompts,
                                                                 self.max_length)
         return zero_shot_lib.prompt_scores(embeddings, positive, negative).astype(np.float32)

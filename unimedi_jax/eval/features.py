@@ -14,11 +14,17 @@ Encoders (all `(params, batch) -> dict of (B, ...)` arrays, jit-ready):
   is encoded as in pretraining (`objective.step`): the volume with the k slices of its best
   slabs, chosen by the evaluated encoder's own CLS attention on the volume alone (the student;
   with `selection.mode = "none"` the volume alone). Also returns those slab scores.
+
+Their jitted forms (`backbone_encoder`, `clip_encoder`, `slab_scorer`, and the text encoder of
+`text_embeddings`) are built once per (model, settings) and cached, so the evaluations during
+pretraining compile once and every later one reuses the executable; they take the params where
+they lie (on the training mesh, sharded as in training, or on the host).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence
+import functools
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import grain
 import jax
@@ -148,6 +154,21 @@ def backbone_features(vit, modality: str) -> Callable[[Any, Batch], dict]:
     return fn
 
 
+class Selection(NamedTuple):
+    """The slice-selection settings an evaluator is compiled for (`objective.selection`),
+    hashable so that compiled evaluators can be cached on them."""
+
+    mode: str
+    k: int
+    slice_mode: str
+    layers: int = 0  # Eq. 1 over every layer (0) or the last `layers`
+
+    @classmethod
+    def from_config(cls, cfg) -> Selection:
+        return cls(cfg.mode, int(cfg.k), cfg.slice_mode,
+                   int(cfg.get("layers", 0)))  # configs saved before the key: every layer
+
+
 def slab_scores(model, params: dict, volume: jax.Array, layers: int = 0) -> jax.Array:
     """Eq. 1-2 slab scores (B, d) of the encoder's own CLS attention on the volume alone (all
     layers, or the last `layers`: `selection.volume_slab_scores`)."""
@@ -155,17 +176,17 @@ def slab_scores(model, params: dict, volume: jax.Array, layers: int = 0) -> jax.
     return selection.volume_slab_scores(out, layers)
 
 
-def ct_inputs(model, params: dict, volume: jax.Array, selection_cfg) -> tuple[dict, jax.Array]:
+def ct_inputs(model, params: dict, volume: jax.Array, sel: Selection) -> tuple[dict, jax.Array]:
     """Pretraining-style CT input (volume + selected slices) and the `slab_scores` (B, d)."""
-    scores = slab_scores(model, params, volume, selection_cfg.get("layers", 0))
-    if selection_cfg.mode == "none":
+    scores = slab_scores(model, params, volume, sel.layers)
+    if sel.mode == "none":
         return {"volume": volume}, scores
-    slices, _ = selection.select_slices(volume, scores, selection_cfg.k, selection_cfg.slice_mode,
+    slices, _ = selection.select_slices(volume, scores, sel.k, sel.slice_mode,
                                         model.vit.patch_size_3d[0])
     return {"volume": volume, "images": slices}, scores
 
 
-def clip_embeddings(model, modality: str, selection_cfg, with_text: bool = True
+def clip_embeddings(model, modality: str, sel: Selection, with_text: bool = True
                     ) -> Callable[[dict, Batch], dict]:
     """(UniMedI params, batch) -> {"image" (B, P), "text" (B, P) with_text, and for CT
     "slab_scores" (B, d)}; embeddings L2-normalised, float32."""
@@ -174,7 +195,7 @@ def clip_embeddings(model, modality: str, selection_cfg, with_text: bool = True
         out = {}
         if modality == "ct":
             inputs, out["slab_scores"] = ct_inputs(model, params, jnp.asarray(batch["volume"]),
-                                                   selection_cfg)
+                                                   sel)
         else:
             inputs = vit_inputs(batch, modality)
         cls, _ = model.encode_image(params, **inputs)
@@ -187,13 +208,34 @@ def clip_embeddings(model, modality: str, selection_cfg, with_text: bool = True
     return fn
 
 
+@functools.cache
+def backbone_encoder(vit, modality: str) -> Callable[[Any, Batch], dict]:
+    """`backbone_features`, jitted once per (ViT, modality)."""
+    return jax.jit(backbone_features(vit, modality))
+
+
+@functools.cache
+def clip_encoder(model, modality: str, sel: Selection, with_text: bool = True
+                 ) -> Callable[[dict, Batch], dict]:
+    """`clip_embeddings`, jitted once per (model, modality, selection, with_text)."""
+    return jax.jit(clip_embeddings(model, modality, sel, with_text))
+
+
+@functools.cache
+def slab_scorer(model, layers: int = 0) -> Callable[[dict, Batch], dict]:
+    """(params, batch) -> {"scores": `slab_scores` (B, d)}, jitted once per (model, layers)."""
+    return jax.jit(lambda p, batch: {"scores": slab_scores(model, p, batch["volume"], layers)})
+
+
+@functools.cache
+def _text_encoder(model) -> Callable[[dict, jax.Array, jax.Array], jax.Array]:
+    return jax.jit(lambda p, ids, mask: l2_normalize(
+        model.project_text(p, model.encode_text(p, ids, mask))))
+
+
 def text_embeddings(model, tokenizer, texts: Sequence[str], params: dict, max_length: int
                     ) -> np.ndarray:
     """L2-normalised CLIP embeddings (len(texts), P) of a few texts (e.g. prompts)."""
     tokens = text.tokenize(tokenizer, list(texts), max_length)
-
-    @jax.jit
-    def fn(p, ids, mask):
-        return l2_normalize(model.project_text(p, model.encode_text(p, ids, mask)))
-
-    return np.asarray(fn(params, tokens["input_ids"], tokens["attention_mask"]))
+    return np.asarray(_text_encoder(model)(params, tokens["input_ids"],
+                                           tokens["attention_mask"]))

@@ -71,7 +71,7 @@ def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
 
 def extract(config, loaded: tasks.Loaded, sources: dict, columns: Sequence[int]) -> dict:
     """{split: (features (N, width), targets)} of every split, encoded once."""
-    encode = jax.jit(features.backbone_features(loaded.model.vit, config.data.modality))
+    encode = features.backbone_encoder(loaded.model.vit, config.data.modality)
     out = {}
     for split in sources:
         got = features.apply_batched(encode, loaded.params["vision"],

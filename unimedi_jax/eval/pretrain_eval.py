@@ -28,6 +28,11 @@
 A CT's embedding is computed as in pretraining: the volume with its k selected slices
 (`features.clip_embeddings`). Sources may be None (that modality is skipped); slice metrics
 need `train_ct` and CT records with `slice_has_finding`.
+
+A method without language (`objective.methods.has_text` false: Joint, DrasCLR) has no CLIP
+space: `evaluate` then returns the collapse of the backbone [CLS] alone (X-rays and volumes
+through the ViT, as the probes read them): cls_mean_cosine_{ct,xray}, cls_effective_rank_{ct,
+xray} and their means over the modalities, cls_mean_cosine and cls_effective_rank.
 """
 
 from __future__ import annotations
@@ -37,16 +42,19 @@ import numpy as np
 
 from unimedi_jax.eval import features, metrics, retrieval, selection_eval, zero_shot
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.objective import losses
+from unimedi_jax.objective import losses, methods
 from unimedi_jax.objective.step import logit_scale
 
 CROP = {"ct": lambda c: c.data.ct.crop_size, "xray": lambda c: c.data.xray.crop_size}
 
 
 def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str, float]:
-    """The metrics above for the student params {"vision", "text", "img_proj", "txt_proj", ...}."""
+    """The metrics above for the student params {"vision", "text", "img_proj", "txt_proj", ...}
+    (params {"vision", ...} of a method without language: the backbone's collapse only)."""
     model = UniMedI.from_config(config)
     ev = config.eval
+    if not methods.has_text(config):
+        return backbone_collapse(model, params, config, {"ct": val_ct, "xray": val_xray})
     results: dict[str, float] = {}
     slabs, embedded = None, {}
     for modality, source in (("ct", val_ct), ("xray", val_xray)):
@@ -90,17 +98,34 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
     return results
 
 
-def embedding_metrics(images: dict[str, np.ndarray]) -> dict[str, float]:
+def embedding_metrics(images: dict[str, np.ndarray], prefix: str = "image_embedding"
+                      ) -> dict[str, float]:
     """Collapse figures of image embeddings {modality: (N, P)}: per modality, and their mean over
     the modalities (not over the pooled embeddings: two modalities in different directions would
-    hide a collapse within each)."""
+    hide a collapse within each). Keys `<prefix>_{mean_cosine,effective_rank}[_<modality>]`."""
     out = {}
     for name, fn in (("mean_cosine", metrics.mean_pairwise_cosine),
                      ("effective_rank", metrics.effective_rank)):
         values = {m: fn(x) for m, x in images.items()}
-        out.update({f"image_embedding_{name}_{m}": v for m, v in values.items()})
-        out[f"image_embedding_{name}"] = float(np.mean(list(values.values())))
+        out.update({f"{prefix}_{name}_{m}": v for m, v in values.items()})
+        out[f"{prefix}_{name}"] = float(np.mean(list(values.values())))
     return out
+
+
+def backbone_collapse(model, params: dict, config, sources: dict) -> dict[str, float]:
+    """`embedding_metrics` (prefix "cls") of the backbone [CLS] of the first
+    config.eval.max_examples records of each source {modality: source or None}."""
+    ev, cls = config.eval, {}
+    for modality, source in sources.items():
+        if source is None:
+            continue
+        batches = features.eval_batches(
+            features.head(source, ev.max_examples), modality=modality,
+            crop_size=CROP[modality](config), batch_size=ev.batch_size, fields=(),
+            name=f"{modality} evaluation split")
+        cls[modality] = features.apply_batched(features.backbone_encoder(model.vit, modality),
+                                               params["vision"], batches)["features"]
+    return embedding_metrics(cls, prefix="cls") if cls else {}
 
 
 def clip_loss_batched(image: np.ndarray, text: np.ndarray, scale: float, batch_size: int

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from unimedi_jax.eval import features, metrics, tasks
@@ -55,7 +54,7 @@ def embed(model, params: dict, source, *, modality: str, selection_cfg, crop_siz
         source, modality=modality, crop_size=crop_size, batch_size=batch_size,
         fields=("labels", "slice_has_finding"), tokenizer_folder=model.text_checkpoint,
         max_length=max_length, name=name)
-    fn = jax.jit(features.clip_embeddings(model, modality, selection_cfg))
+    fn = features.clip_encoder(model, modality, features.Selection.from_config(selection_cfg))
     return features.apply_batched(fn, params, batches, keep=("labels", "slice_has_finding"))
 
 

@@ -18,7 +18,6 @@ the prior from the training split, and writes WORKDIR/results.json.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from unimedi_jax.eval import features, tasks
@@ -78,8 +77,7 @@ def scores_and_truth(model, params: dict, source, *, crop_size, batch_size: int,
     batches = features.eval_batches(source, modality="ct", crop_size=crop_size,
                                     batch_size=batch_size, fields=("slice_has_finding",),
                                     name=name)
-    fn = jax.jit(lambda p, batch: {"scores": features.slab_scores(model, p, batch["volume"])})
-    out = features.apply_batched(fn, params, batches, keep=("slice_has_finding",))
+    out = features.apply_batched(features.slab_scorer(model), params, batches, keep=("slice_has_finding",))
     return out["scores"], slab_truth(_flags(out, name), model.vit.patch_size_3d[0])
 
 

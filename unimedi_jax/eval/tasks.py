@@ -36,6 +36,7 @@ from unimedi_jax.data import phantom, pipeline
 from unimedi_jax.eval import features
 from unimedi_jax.models import bundle
 from unimedi_jax.models.unimedi import UniMedI
+from unimedi_jax.objective import methods
 from unimedi_jax.train import checkpoint
 
 RESULTS_FILE = "results.json"
@@ -207,6 +208,10 @@ def load_model(config, with_text: bool) -> Loaded:
         if step is None:
             raise FileNotFoundError(f"config.init_from={config.init_from!r} holds no checkpoint")
         model_cfg, params = checkpoint.load_pretrained(config.init_from, step, which=which)
+        if with_text and not methods.has_text(model_cfg):
+            raise ValueError(f"config.init_from={config.init_from!r} was pretrained with "
+                             f"config.method={methods.name(model_cfg)!r}, which has no language: "
+                             "tasks that encode reports (zero-shot, retrieval) need a UniMedI run")
         if with_text and "text" not in params:
             raise ValueError(f"config.init_params={which!r} holds no text encoder; use 'params' "
                              "(the student) for tasks that encode reports")

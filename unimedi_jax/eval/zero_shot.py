@@ -9,7 +9,6 @@ pretraining). Scored by AUROC per finding against the test split's labels, and t
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from unimedi_jax.data import text
@@ -67,8 +66,9 @@ def run(config, workdir: str) -> dict:
     batches = features.eval_batches(sources["test"], modality=modality,
                                     crop_size=config.data.crop_size, batch_size=config.batch_size,
                                     name=tasks.split_name(config.data, "test"))
-    fn = jax.jit(features.clip_embeddings(model, modality, loaded.config.objective.selection,
-                                          with_text=False))
+    fn = features.clip_encoder(model, modality,
+                               features.Selection.from_config(loaded.config.objective.selection),
+                               with_text=False)
     got = features.apply_batched(fn, loaded.params, batches, keep=("labels",))
     names, positive, negative = prompt_embeddings(model, loaded.params, config.prompts,
                                                   max_length, key="config.prompts")

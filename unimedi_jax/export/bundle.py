@@ -29,7 +29,7 @@ from unimedi_jax.data import pipeline
 from unimedi_jax.eval import pretrain_eval
 from unimedi_jax.models import bundle
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.objective import optim
+from unimedi_jax.objective import methods, optim
 from unimedi_jax.train import checkpoint
 
 EVAL_SPLIT = "test"
@@ -114,6 +114,11 @@ def export(workdir: str | os.PathLike, name: str, *, step: int | None = None,
     if "model" not in config:
         raise ExportError(f"{workdir / checkpoint.CONFIG_FILE} has no 'model' section: not the "
                          "config of a pretraining run")
+    if not methods.has_text(config):
+        raise ExportError(f"{workdir} was pretrained with config.method="
+                          f"{methods.name(config)!r}: a bundle packages a UniMedI run (encoder, "
+                          "text tower and heads); `python -m unimedi_jax.export` writes its "
+                          "encoder")
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     text_stored = trained_text_keys(params, config)
     check_frozen_text(params, config, text_stored)

@@ -15,7 +15,11 @@ Layout of the output folder OUT:
                         similarity multiplier used at inference (clamp or fixed temperature applied)
     config.json         {"vision": {img_size, patch_size, in_chans, embed_dim, depth, num_heads,
                         mlp_ratio, patch_size_3d, volume_size, ...}, "text": {max_length, ...},
-                        "heads": {proj_dim, ...}, "preprocessing": {...}, "source": {...}}
+                        "heads": {proj_dim, ...}, "preprocessing": {...}, "source": {...},
+                        "method": config.method}
+
+A run of a method without language (config.method "joint", "drasclr") has no text tower and no
+heads: its folder holds vision.safetensors and config.json ("text" and "heads" null).
 
 The 2D path loads into `timm.models.vision_transformer.VisionTransformer(img_size, patch_size,
 in_chans=1, num_classes=0, global_pool="token", embed_dim, depth, num_heads, mlp_ratio)` once the
@@ -40,6 +44,7 @@ from unimedi_jax.data import preprocess
 from unimedi_jax.export import vision as vision_export
 from unimedi_jax.models import bert
 from unimedi_jax.models.unimedi import UniMedI
+from unimedi_jax.objective import methods
 from unimedi_jax.objective.step import logit_scale
 from unimedi_jax.train import checkpoint
 
@@ -65,6 +70,7 @@ def _mlp_ratio(vit) -> float:
 def export_config(config, model: UniMedI, source: dict) -> dict:
     """The content of OUT/config.json for a run `config` and its `model`."""
     vit = model.vit
+    text = methods.has_text(config)
     return {
         "format_version": FORMAT_VERSION,
         "vision": {
@@ -75,7 +81,8 @@ def export_config(config, model: UniMedI, source: dict) -> dict:
             "global_pool": "token", "layer_norm_eps": LAYER_NORM_EPS,
             "extra_keys": list(vision_export.TIMM_3D_KEYS),
         },
-        "text": {
+        "method": methods.name(config),
+        "text": None if not text else {
             "max_length": int(config.model.text.max_length),
             "hidden_size": model.text.config.hidden_size,
             "num_layers": model.text.config.num_hidden_layers,
@@ -84,7 +91,7 @@ def export_config(config, model: UniMedI, source: dict) -> dict:
             "pooling": model.text_pooling,
             "folder": TEXT_DIR,
         },
-        "heads": {"proj_dim": int(config.model.proj_dim), "normalize": "l2"},
+        "heads": {"proj_dim": int(config.model.proj_dim), "normalize": "l2"} if text else None,
         "preprocessing": {
             "xray": {"scale": preprocess.XRAY_FULL_SCALE, "mean": preprocess.XRAY_MEAN,
                      "std": preprocess.XRAY_STD, "crop": vit.image_size},
@@ -120,10 +127,11 @@ def _write_folder(folder: Path, config, model: UniMedI, params: dict, source: di
     vit_params = params["vision"]
     save_file(vision_export.timm_state_dict(vit_params, model.vit.depth),
               str(folder / VISION_FILE), metadata=SAFETENSORS_METADATA)
-    bert.save_pretrained(params["text"], model.text.config, folder / TEXT_DIR,
-                         tokenizer_folder=model.text_checkpoint)
-    save_file(heads_state_dict(params, config), str(folder / HEADS_FILE),
-              metadata=SAFETENSORS_METADATA)
+    if methods.has_text(config):
+        bert.save_pretrained(params["text"], model.text.config, folder / TEXT_DIR,
+                             tokenizer_folder=model.text_checkpoint)
+        save_file(heads_state_dict(params, config), str(folder / HEADS_FILE),
+                  metadata=SAFETENSORS_METADATA)
     text = json.dumps(export_config(config, model, source), indent=2) + "\n"
     (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
 
@@ -136,8 +144,9 @@ def write_export(config, params: dict, output: str | os.PathLike, overwrite: boo
     `output` is replaced only with `overwrite`, and only once the new folder is complete.
     """
     output = check_output(output, overwrite)
-    missing = [k for k in ("vision", "text", "img_proj", "txt_proj", "logit_scale")
-               if k not in params]
+    required = (inference.REQUIRED_PARAMS if methods.has_text(config)
+                else inference.VISION_PARAMS)
+    missing = [k for k in required if k not in params]
     if missing:
         raise KeyError(f"params lack {missing} (the export needs the student parameters)")
     params = jax.tree.map(np.asarray, params)

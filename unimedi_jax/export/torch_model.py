@@ -90,10 +90,12 @@ class UniMedIVisionTorch(VisionTransformer):
 
     Extra parameters: `patch_embed_3d.proj` (Conv3d), `pos_embed_3d` (1, d*h*w, C) and the
     projections `img_proj` (C -> proj_dim) and `txt_proj` (text width -> proj_dim), both
-    bias-free, and `logit_scale` (log of the similarity multiplier).
+    bias-free, and `logit_scale` (log of the similarity multiplier). The export of a method
+    without language has no heads (proj_dim None): the encoder alone, `embed*` unavailable.
     """
 
-    def __init__(self, vision: dict, text_width: int, proj_dim: int, text_pooling: str = "cls"):
+    def __init__(self, vision: dict, text_width: int | None = None, proj_dim: int | None = None,
+                 text_pooling: str = "cls"):
         mlp_ratio = vision["mlp_ratio"]
         super().__init__(
             img_size=vision["img_size"], patch_size=vision["patch_size"],
@@ -106,9 +108,11 @@ class UniMedIVisionTorch(VisionTransformer):
         self.grid_3d = tuple(s // p for s, p in zip(vision["volume_size"], self.patch_size_3d))
         self.patch_embed_3d = PatchEmbed3d(self.patch_size_3d, width)
         self.pos_embed_3d = nn.Parameter(torch.zeros(1, math.prod(self.grid_3d), width))
-        self.img_proj = nn.Linear(width, proj_dim, bias=False)
-        self.txt_proj = nn.Linear(text_width, proj_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.has_heads = proj_dim is not None
+        if self.has_heads:
+            self.img_proj = nn.Linear(width, proj_dim, bias=False)
+            self.txt_proj = nn.Linear(text_width, proj_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.zeros(()))
         if text_pooling not in ("cls", "mean"):
             raise ValueError(f"text pooling {text_pooling!r}: expected 'cls' or 'mean'")
         self.text_pooling = text_pooling
@@ -122,11 +126,13 @@ class UniMedIVisionTorch(VisionTransformer):
             raise FileNotFoundError(f"{config_path} not found: {folder} is not a unimedi_jax "
                                     "export (python -m unimedi_jax.export writes one)")
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        model = cls(config["vision"], config["text"]["hidden_size"], config["heads"]["proj_dim"],
-                    config["text"].get("pooling", "cls"))  # exports before the key: [CLS]
+        text, heads = config.get("text"), config.get("heads")
+        model = cls(config["vision"], text and text["hidden_size"], heads and heads["proj_dim"],
+                    (text or {}).get("pooling", "cls"))  # exports before the key: [CLS]
         state = {k: v for k, v in load_file(folder / export_lib.VISION_FILE).items()
                  if k not in UNUSED_KEYS}
-        state.update(load_file(folder / export_lib.HEADS_FILE))
+        if heads is not None:  # none for a method without language
+            state.update(load_file(folder / export_lib.HEADS_FILE))
         model.load_state_dict(state, strict=True)
         return model.eval()
 
@@ -164,6 +170,9 @@ class UniMedIVisionTorch(VisionTransformer):
     def embed(self, volume: torch.Tensor | None = None,
               images: torch.Tensor | None = None) -> torch.Tensor:
         """Projected, L2-normalised image embeddings (B, proj_dim)."""
+        if not self.has_heads:
+            raise ValueError("this export holds no projection heads (a method without "
+                             "language): use forward() for the CLS features")
         return F.normalize(self.img_proj(self(volume, images)), dim=-1, eps=L2_EPS)
 
     def pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

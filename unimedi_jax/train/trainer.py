@@ -24,8 +24,7 @@ from absl import logging
 from unimedi_jax import files
 from unimedi_jax.data import pipeline
 from unimedi_jax.eval import pretrain_eval
-from unimedi_jax.objective import optim
-from unimedi_jax.objective import step as step_lib
+from unimedi_jax.objective import methods, optim
 from unimedi_jax.train import checkpoint as ckpt_lib
 from unimedi_jax.train import report_cache
 from unimedi_jax.train import sharding as shd
@@ -36,7 +35,7 @@ EVAL_SUMMARY = "eval_summary.json"
 # Summary keys whose step-0 value the final summary repeats as `<key>_init` (did it learn?):
 # these names and every key with one of these prefixes.
 INIT_KEYS = ("slice_precision", "retrieval_r1", "retrieval_r1_findings")
-INIT_PREFIXES = ("zero_shot_", "image_embedding_")
+INIT_PREFIXES = ("zero_shot_", "image_embedding_", "cls_")
 EVAL_INIT = "eval_init.json"
 
 
@@ -149,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validation.check_batch_divisible(config, shd.data_parallel_size(mesh))
     ckpt_lib.save_config(config, workdir) if jax.process_index() == 0 else None
 
-    setup = step_lib.make_setup(config)                 # model, optimizer, init, step fn
+    setup = methods.make_setup(config)      # config.method's model, optimizer, init, step fn
     # builds the phantom when missing
     data = pipeline.make_pretrain_data(config, setup.model.text_checkpoint)
     rng = jax.random.key(config.seed)
@@ -183,13 +182,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = jax.jit(setup.train_step, in_shardings=(state_sharding, batch_sharding, repl),
                      out_shardings=(state_sharding, repl), donate_argnums=(0,))
     writer = writers.Writer(workdir, resume_step=start)
-    evaluate = lambda s: pretrain_eval.evaluate(_host(s["params"]), config, data.val_ct,
+    # The evaluators are compiled once (`eval.features`) and read the params where training
+    # keeps them; with several processes the params come to each host first.
+    eval_params = (lambda p: p) if jax.process_count() == 1 else _host
+    evaluate = lambda s: pretrain_eval.evaluate(eval_params(s["params"]), config, data.val_ct,
                                                 data.val_xray, data.train_ct)
 
     summary_init = _initial_eval(workdir, start, state, evaluate, writer)
     # The locked text tower's features of every training report, once (from the state's text
     # params, so a resumed run uses what it trained with).
-    cache = report_cache.for_training(config, setup.model, _host(state["params"]["text"]), data)
+    cache = (report_cache.for_training(config, setup.model, _host(state["params"]["text"]), data)
+             if methods.has_text(config) else None)
     if cache is not None:
         logging.info("Report cache: %d distinct training reports encoded once", len(cache))
     attach = cache.attach if cache is not None else (lambda b: b)

@@ -7,7 +7,7 @@ import os
 import ml_collections
 
 from unimedi_jax.models import layers
-from unimedi_jax.objective import masking, pair, selection, step, update
+from unimedi_jax.objective import masking, methods, pair, selection, step, update
 
 # The allowed values, as the modules that read them define them.
 CHOICES = {
@@ -34,6 +34,9 @@ def _get(config, dotted: str):
 
 def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for values that would fail later (or silently do the wrong thing)."""
+    if config.get("method", "unimedi") not in methods.METHODS:
+        raise ConfigError(f"config.method={config.method!r}; choose one of "
+                          f"{sorted(methods.METHODS)}")
     for key, allowed in CHOICES.items():
         if _get(config, key) not in allowed:
             raise ConfigError(f"config.{key}={_get(config, key)!r}; choose one of {allowed}")
