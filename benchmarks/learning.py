@@ -718,7 +718,8 @@ def main(argv):
     shd.compile_cpu_collectives_afresh()
     start = time.perf_counter()
     workdir = _FLAGS["workdir"].value
-    config_arg = config_flags.get_config_filename(_FLAGS["config"]).partition(":")[2]
+    config_arg = config_flags.get_config_filename(
+        flags.FLAGS[_FLAGS["config"].name]).partition(":")[2]
     ladder = run_ladder(_FLAGS["config"].value, arms, seeds, probing, workdir, config_arg)
     print(Path(workdir, "ladder.md").expanduser().read_text())
     print(format_targets(ladder))

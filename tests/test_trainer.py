@@ -233,6 +233,9 @@ def test_sigterm_before_the_first_step_stops_without_a_checkpoint(tmp_path, data
     ("objective.clip.targets", "labels", r"config.objective.clip.targets='labels'"),
     ("objective.sd.modalities", ("ct", "mri"), r"config.objective.sd.modalities=\('ct', 'mri'\)"),
     ("model.text.checkpoint", "/nonexistent/bert", r"config.model.text.checkpoint=.*not a folder"),
+    ("method", "simclr", r"config.method='simclr'; choose one of \['drasclr', 'joint', 'unimedi'"),
+    ("method", "joint", r"config.method='joint' needs config.objective.joint: start from "
+                        r"configs/pretrain_joint.py"),
 ])
 def test_config_errors_name_the_key(key, value, message, tmp_path):
     config = _config(tmp_path)

@@ -34,9 +34,13 @@ def _get(config, dotted: str):
 
 def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for values that would fail later (or silently do the wrong thing)."""
-    if config.get("method", "unimedi") not in methods.METHODS:
-        raise ConfigError(f"config.method={config.method!r}; choose one of "
-                          f"{sorted(methods.METHODS)}")
+    method = config.get("method", "unimedi")  # configs saved before the key: UniMedI
+    if method not in methods.METHODS:
+        raise ConfigError(f"config.method={method!r}; choose one of {sorted(methods.METHODS)}")
+    for section in (method, "views") if method != "unimedi" else ():
+        if section not in config.objective:
+            raise ConfigError(f"config.method={method!r} needs config.objective.{section}: start "
+                              f"from configs/pretrain_{method}.py, which sets it")
     for key, allowed in CHOICES.items():
         if _get(config, key) not in allowed:
             raise ConfigError(f"config.{key}={_get(config, key)!r}; choose one of {allowed}")
