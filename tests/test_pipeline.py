@@ -156,6 +156,47 @@ def test_tokenize_function_single_and_batch():
     assert text.as_text(np.array(b"caf\xc3\xa9")) == "café"
 
 
+def test_pipeline_tokenizer_gives_the_transformers_ids_without_importing_transformers(
+        tmp_path):
+    """The pipeline's tokenizer (the Rust `tokenizers.Tokenizer` of tokenizer.json) gives the
+    same ids and masks as `transformers`' fast tokenizer, on phantom reports of both modalities
+    and edge cases, padded and truncated; a Grain worker loading it never imports transformers
+    (seconds: it imports torch); a folder with vocab.txt only falls back to transformers."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tokenizer_folder()
+    light, reference = text.cached_tokenizer(folder), text.load_tokenizer(folder)
+    assert not hasattr(light, "save_pretrained")  # not the transformers object
+    opts = phantom.PhantomOptions(volume_size=(8, 16, 16), image_size=16, xray_render_size=12)
+    reports = [phantom.generate(m, 0, i, opts)["report"] for m in ("ct", "xray")
+               for i in range(6)]
+    reports += [LONG_REPORT, "", "Ünïcode, TABS\tand CAPS; [CLS] literal.", "a " * 300]
+    for max_length in (5, 16, 112):
+        got = text.tokenize(light, reports, max_length)
+        want = reference(reports, max_length=max_length, padding="max_length", truncation=True)
+        np.testing.assert_array_equal(got["input_ids"], np.array(want["input_ids"]))
+        np.testing.assert_array_equal(got["attention_mask"], np.array(want["attention_mask"]))
+
+    code = ("import sys; from unimedi_jax.data import text; "
+            f"t = text.Tokenize({folder!r}, 8).map({{'report': b'No effusion.'}}); "
+            "assert t['input_ids'].shape == (8,); "
+            "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out
+
+    vocab_only = tmp_path / "vocab_only"
+    vocab_only.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(f"{folder}/{name}", vocab_only / name)
+    fallback = text.cached_tokenizer(str(vocab_only))
+    assert hasattr(fallback, "save_pretrained")
+    np.testing.assert_array_equal(text.tokenize(fallback, reports, 16)["input_ids"],
+                                  text.tokenize(light, reports, 16)["input_ids"])
+
+
 # ---------------------------------------------------------------- determinism
 
 
