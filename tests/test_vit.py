@@ -51,6 +51,20 @@ def test_keep_and_mask(tiny):
     assert np.abs(np.asarray(a - c)).max() > 1e-3
 
 
+def test_keep_groups_equal_one_sequence_per_group(tiny):
+    """keep (B, G, M): G sequences per sample from one patch embedding, equal to running each
+    group as its own sample (the volume repeated, keep (B * G, M))."""
+    model, params, vol, img = tiny
+    keep = jnp.array([[[0, 5, 31, 79], [3, 2, 1, 70], [9, 9, 40, 41]],
+                      [[79, 0, 12, 13], [6, 7, 8, 9], [50, 51, 52, 33]]], jnp.int32)
+    cls, out = model.apply({"params": params}, volume=vol, images=img, keep=keep)
+    ref_cls, ref = model.apply({"params": params}, volume=jnp.repeat(vol, 3, axis=0),
+                               images=jnp.repeat(img, 3, axis=0), keep=keep.reshape(6, 4))
+    assert cls.shape == (6, 32) and out["tokens"].shape == (6, 4, 32)
+    np.testing.assert_allclose(cls, ref_cls, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["cls_attn"], ref["cls_attn"], rtol=1e-6, atol=1e-6)
+
+
 def _linear_upsample(x, n):
     """x (m, ...) -> (n, ...), n >= m: linear interpolation at the half-pixel centres
     (i + 0.5) * m / n - 0.5 of the input grid, clamped to its ends."""

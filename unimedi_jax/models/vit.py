@@ -189,6 +189,8 @@ class ViT(nn.Module):
         """Encodes a volume (B, D, H, W) and/or images (B, k, H, W) or (B, H, W).
 
         keep: (B, M) int indices into the N patch tokens: the sequence becomes [CLS, tokens[keep]].
+          (B, G, M): G sequences per sample, [CLS, tokens[keep[:, g]]] each, from one patch
+          embedding of the sample (B is then B * G below, sample-major).
         mask: (B, N) bool, True replaces that patch embedding by the mask token.
         Returns cls (B, width) and out with "tokens" (B, M|N, width), "cls_attn" (B, M|N) (Eq. 1:
         the mean over layers and heads), "cls_attn_layers" (depth, B, M|N) (per layer) and the
@@ -219,7 +221,9 @@ class ViT(nn.Module):
         if mask is not None:
             x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
         x = x + pos.astype(x.dtype)
-        if keep is not None:
+        if keep is not None and keep.ndim == 3:  # groups: (B, G, M) -> B * G sequences
+            x = jax.vmap(lambda xb, kb: xb[kb])(x, keep).reshape(-1, keep.shape[-1], x.shape[-1])
+        elif keep is not None:
             x = jnp.take_along_axis(x, keep[..., None], axis=1)
         cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype),

@@ -11,8 +11,8 @@ Per step, for the volumes v (B, D, H, W) of batch["ct"]:
    Each region's location: its centre normalised to [-1, 1] in the ROI box, (z, y, x).
 3. Two views of v (`ops.views.augment_3d` with `objective.views`: intensity and noise only,
    so a region is the same anatomy in both).
-4. A region's feature is the ViT [CLS] over its tokens alone (`keep`, the volume repeated per
-   region), mapped by the location-conditioned head (`models.conditional`) and L2-normalised.
+4. A region's feature is the ViT [CLS] over its tokens alone (`keep` groups: one patch
+   embedding per volume, one sequence per region), mapped by the location-conditioned head (`models.conditional`) and L2-normalised.
    Student: the regions and their neighbours in view 1 (q, r). Momentum teacher (EMA of the
    ViT and head): the regions in view 2 (k), no gradient.
 5. L_local = InfoNCE(q, k); L_neighbour = InfoNCE(sum over neighbours of r, k), the
@@ -128,8 +128,7 @@ def make_setup(config) -> Setup:
     def embed(p: dict, volume: Array, tokens: Array, loc: Array) -> Array:
         """Regions (B, R, M) of volumes (B, D, H, W) at loc (B, R, 3) -> (B, R, dim) unit."""
         b, r, m = tokens.shape
-        cls, _ = model.encode_image(p, volume=jnp.repeat(volume, r, axis=0),
-                                    keep=tokens.reshape(b * r, m))
+        cls, _ = model.encode_image(p, volume=volume, keep=tokens)  # (B * R, width)
         z = head.apply({"params": p[NAME]["head"]}, cls, loc.reshape(b * r, 3))
         return l2_normalize(z).reshape(b, r, -1)
 
