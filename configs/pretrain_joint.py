@@ -20,6 +20,8 @@ def method_config(arg: str = "") -> ml_collections.ConfigDict:
         num_slices=8,                   # chosen: every 4th of 32 slices, one per 3D patch depth
         proj_hidden=256,                # chosen: 2 x width (SwAV: 2048 hidden on 2048 features)
         proj_dim=128,                   # SwAV: output_dim 128
+        head_norm="batch",              # SwAV: BatchNorm in the projection MLP (batch statistics;
+                                        #   "layer": LayerNorm, which collapsed: RESULTS §9)
         num_prototypes_2d=128,          # chosen: about the 2D batch per view (32 X-rays + 16 x 8
                                         #   slices); SwAV: 3000 with a queue, none here
         num_prototypes_3d=16,           # chosen: the 16 volumes per view
@@ -33,6 +35,9 @@ def method_config(arg: str = "") -> ml_collections.ConfigDict:
         attn_points=4,                  # Deformable DETR: n_points 4
         attn_mlp_dim=512,               # chosen: 4 x width, as the ViT
         mask_ratio=0.25,                # chosen: 2 of 8 slices (BERT masks 15% of tokens)
+        mask_trains_encoder=False,      # chosen: L_mask trains the slice transformer and its
+                                        #   head only (with the encoder in it the slice
+                                        #   embeddings collapsed: RESULTS §9)
         w_2d=1.0, w_3d=1.0, w_volume=1.0, w_mask=1.0,  # chosen: equal weights
     ))
     if arg == "test":

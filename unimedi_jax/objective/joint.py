@@ -123,18 +123,42 @@ def random_mask(rng: Array, batch: int, num: int, ratio: float) -> Array:
 
 # ---------------------------------------------------------------- modules
 
+NORMS = ("batch", "layer")  # objective.joint.head_norm
+
+
+class BatchStatsNorm(nn.Module):
+    """BatchNorm with the statistics of the batch it is given, always (no running averages:
+    the heads are used in training only): x (N, D) -> (x - mean_N) / sqrt(var_N + eps) * scale
+    + bias, per feature, over the global batch (under jit on a mesh the means span it)."""
+
+    epsilon: float = 1e-5  # torch.nn.BatchNorm1d's
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=0)
+        var = jnp.mean(jnp.square(x32 - mean), axis=0)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(x.dtype)
+
+
 class ProjectionMLP(nn.Module):
-    """(..., D) -> (..., out): Dense, LayerNorm, GELU, Dense (SwAV's head with LayerNorm in place
-    of BatchNorm, so the state holds no running statistics)."""
+    """(N, D) -> (N, out): Dense, norm, GELU, Dense. norm "batch": SwAV's head (BatchNorm over
+    the batch, `BatchStatsNorm`); "layer": LayerNorm (per sample)."""
 
     hidden: int
     out: int
     dtype: Any = jnp.float32
+    norm: str = "batch"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if self.norm not in NORMS:
+            raise ValueError(f"objective.joint.head_norm={self.norm!r}; expected one of {NORMS}")
         x = layers.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        x = layers.gelu(nn.LayerNorm(epsilon=1e-6, name="norm")(x))
+        norm = BatchStatsNorm() if self.norm == "batch" else nn.LayerNorm(epsilon=1e-6)
+        x = layers.gelu(norm(x))
         return layers.Dense(self.out, dtype=self.dtype, name="fc2")(x)
 
 
@@ -169,14 +193,15 @@ class JointHeads:
     def from_config(cls, config) -> JointHeads:
         jc, width = config.objective.joint, vit_lib.from_config(config.model.vit).width
         dtype = jnp.dtype(config.model.vit.dtype)
+        norm = jc.get("head_norm", "layer")  # configs saved before the key: LayerNorm
         return cls(
-            proj_2d=ProjectionMLP(jc.proj_hidden, jc.proj_dim, dtype),
+            proj_2d=ProjectionMLP(jc.proj_hidden, jc.proj_dim, dtype, norm),
             protos_2d=Prototypes(jc.num_prototypes_2d),
-            proj_3d=ProjectionMLP(jc.proj_hidden, jc.proj_dim, dtype),
+            proj_3d=ProjectionMLP(jc.proj_hidden, jc.proj_dim, dtype, norm),
             protos_3d=Prototypes(jc.num_prototypes_3d),
             slices=SliceTransformer(jc.attn_depth, jc.attn_heads, jc.attn_points,
                                     jc.attn_mlp_dim, dtype),
-            mask_head=ProjectionMLP(width, width, dtype),
+            mask_head=ProjectionMLP(width, width, dtype, "layer"),  # per slice token
             num_slices=jc.num_slices, width=width)
 
     def init(self, rng: Array) -> dict:
@@ -265,7 +290,11 @@ def joint_loss(params: dict, batch: dict, rng: Array, *, model: UniMedI, heads: 
         loss_volume = 0.5 * (swapped_prediction(q_b, sv[:b3], jc.temperature)
                              + swapped_prediction(q_a, sv[b3:], jc.temperature))
         mask = random_mask(r_mask, 2 * b3, n, jc.mask_ratio)
-        tokens, _ = heads.apply(hp, "slices", emb, mask)
+        # The encoder gets no gradient from L_mask unless `mask_trains_encoder`: predicting
+        # slice embeddings from their neighbours is easiest when they are all alike, and with
+        # the encoder in the loss it collapsed them (docs/RESULTS.md §9).
+        context = emb if jc.get("mask_trains_encoder", True) else jax.lax.stop_gradient(emb)
+        tokens, _ = heads.apply(hp, "slices", context, mask)
         loss_mask = masked_prediction_loss(heads.apply(hp, "mask_head", tokens), emb, mask)
         metrics["proto_usage_3d"] = usage_entropy(s3[:b3], jc.temperature)
     else:
