@@ -182,10 +182,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = jax.jit(setup.train_step, in_shardings=(state_sharding, batch_sharding, repl),
                      out_shardings=(state_sharding, repl), donate_argnums=(0,))
     writer = writers.Writer(workdir, resume_step=start)
-    # The evaluators are compiled once (`eval.features`) and read the params where training
-    # keeps them; with several processes the params come to each host first.
-    eval_params = (lambda p: p) if jax.process_count() == 1 else _host
-    evaluate = lambda s: pretrain_eval.evaluate(eval_params(s["params"]), config, data.val_ct,
+    # The evaluators are compiled once (`eval.features`) and run on one device with the params
+    # brought to the host: on the training mesh, params replicated over it and an unsharded
+    # evaluation batch would repeat the whole computation on every device.
+    evaluate = lambda s: pretrain_eval.evaluate(_host(s["params"]), config, data.val_ct,
                                                 data.val_xray, data.train_ct)
 
     summary_init = _initial_eval(workdir, start, state, evaluate, writer)
