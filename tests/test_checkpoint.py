@@ -107,3 +107,34 @@ def test_frozen_paths_are_the_subtrees_the_optimiser_never_updates():
     assert ("logit_scale",) in optim.frozen_paths(params, config)
     config.model.text.trainable_layers = -1
     assert optim.frozen_paths(params, config) == [("logit_scale",)]
+
+
+@pytest.mark.parametrize("method", ["joint", "drasclr"])
+def test_the_other_methods_states_checkpoint_and_restore_sharded(method, tmp_path):
+    """A Joint or DrasCLR train state (its heads, DrasCLR's teacher, the optimiser state),
+    sharded on the training mesh as the trainer shards it, restores exactly and with its
+    shardings; nothing in it is frozen (no text tower)."""
+    import importlib
+
+    from unimedi_jax.objective import methods
+    from unimedi_jax.train import sharding as shd
+
+    config = importlib.import_module(f"configs.pretrain_{method}").get_config("test")
+    setup = methods.make_setup(config)
+    mesh = shd.make_mesh(config.mesh)
+    abstract = jax.eval_shape(setup.init, jax.random.key(0))
+    shardings = shd.state_shardings(mesh, abstract)
+    state = jax.jit(setup.init, out_shardings=shardings)(jax.random.key(0))
+    assert optim.frozen_paths(abstract["params"], config) == []
+    assert method in state["params"] and ("teacher" in state) == (method == "drasclr")
+    ckpt = checkpoint.Checkpointer(str(tmp_path), asynchronous=False, frozen=[])
+    ckpt.save_frozen(state)
+    ckpt.save(3, state, {"position": 5})
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    restored, data, _ = ckpt.restore(3, target)
+    ckpt.close()
+    _equal(restored, state)
+    assert data == {"position": 5}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert got.sharding == want.sharding
