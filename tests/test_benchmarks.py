@@ -23,10 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
 from benchmarks import common, device_suite, retrieval_bound, selection_bound
 
-# One XLA thread per subprocess: these tests start several at once beside the other
-# pytest worker, and oversubscribed XLA:CPU thread pools spin.
-FAST_XLA = ("--xla_backend_optimization_level=0 "
-            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+FAST_XLA = "--xla_backend_optimization_level=0"
 RUNS = {
     "train_step": ["benchmarks.train_step", "--preset=tiny", "--compare-torch",
                    "--no-torch-compile", "--steps=2", "--rounds=1", "--breakdown"],

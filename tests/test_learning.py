@@ -29,10 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
 from benchmarks import learning  # noqa: E402
 
-# One XLA thread per subprocess: these tests start several at once beside the other
-# pytest worker, and oversubscribed XLA:CPU thread pools spin.
-FAST_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 FINDINGS = ("nodule", "consolidation", "ground_glass", "effusion", "cardiomegaly")
 # pretrain_eval.evaluate's keys the ladder reports (null for the supervised arm).
 EVAL_KEYS = ("zero_shot_mean_auroc", "retrieval_r1_findings", "retrieval_r1_findings_baseline",
