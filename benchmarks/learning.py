@@ -22,8 +22,9 @@ another; seed N sets config.seed, hence the initial weights and the data order):
 - pair_only (not in the default list): SD + attentive selection + the DRR bridge without the
   CLIP loss (`objective.clip.weight=0`): the DRR bridge alone, UniMiSS+-style, no text.
 - joint, drasclr (not in the default list): the other methods on the same ViT
-  (`config.method`; docs/DESIGN.md §4.8-4.9): the base config with the `method`, `optim`,
-  `objective.<method>` and `objective.views` of configs/pretrain_<method>.py at the base config's
+  (`config.method`; docs/DESIGN.md §4.8-4.9): the base config (its optimiser too, overrides
+  included) with the `method`, `objective.<method>` and `objective.views` of
+  configs/pretrain_<method>.py at the base config's
   size (the `:test` of --config passes on). No text: zero-shot, retrieval and selection are n/a
   (null), the backbone collapse (`cls_*`) is measured as for every arm.
 The trained arms set those two keys (and objective.pair.enabled, on for the DRR-bridge arms
@@ -194,7 +195,7 @@ def arm_config(config, arm: str, seed: int, config_arg: str = ""):
     if arm in METHOD_ARMS:
         method = METHOD_ARMS[arm].get_config(config_arg)
         with cfg.unlocked():
-            cfg.method, cfg.optim = method.method, copy.deepcopy(method.optim)
+            cfg.method = method.method  # the base config's optimiser, as every arm's
             cfg.objective[arm] = copy.deepcopy(method.objective[arm])
             cfg.objective.views = copy.deepcopy(method.objective.views)
     if arm in OBJECTIVES:

@@ -286,17 +286,18 @@ def test_arm_names_and_aliases():
     assert config.objective.sd.enabled and config.objective.selection.mode == "random"
     assert learning.arm_config(_base_config(), "clip", 0).objective.sd.enabled is False
     assert learning.arm_config(_base_config(), "clip_sd", 0).objective.selection.mode == "none"
-    # The other methods: their own config file's method, optimiser and sections, at the base
-    # config's size and on its data.
+    # The other methods: their own config file's method and sections, at the base config's
+    # size, on its data and with its optimiser (a command-line override reaches every arm).
     from configs import pretrain_drasclr, pretrain_joint
     for arm, module in (("joint", pretrain_joint), ("drasclr", pretrain_drasclr)):
         base = _base_config()
         base.data.data_dir = "/somewhere"
+        base.optim.lr = 1.234e-4
         config = learning.arm_config(base, arm, 1, "test")
         own = module.get_config("test")
         assert config.method == arm and config.seed == 1
         assert config.objective[arm] == own.objective[arm]
-        assert config.objective.views == own.objective.views and config.optim == own.optim
+        assert config.objective.views == own.objective.views and config.optim.lr == 1.234e-4
         assert config.model == own.model and config.data.data_dir == "/somewhere"
 
 
