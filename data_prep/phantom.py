@@ -77,12 +77,7 @@ def make_config(modality: str, num_examples: dict | None = None,
     `<modality>-<hash of the options and split sizes>`."""
     if modality not in MODALITIES:
         raise ValueError(f"phantom: modality {modality!r} is not one of {MODALITIES}")
-    counts = dict(phantom.DEFAULT_EXAMPLES[modality])
-    for split, n in (num_examples or {}).items():
-        if split not in counts or int(n) < 0:
-            raise ValueError(f"phantom: num_{split}={n!r}: needs a split of {list(counts)} "
-                             "and a count >= 0")
-        counts[split] = int(n)
+    counts = phantom.split_sizes(modality, num_examples)
     options = options or phantom.PhantomOptions()
     config = PhantomConfig(name=modality, modality=modality, num_examples=counts, options=options,
                            description=f"Phantom {modality}, {counts}")
@@ -195,12 +190,7 @@ def make_builder(data_dir, manual_dir=None, *, modality=None, num_train=None,
         value = records.option(f"phantom_{field}", options.get(field))
         if value is not None:
             options[field] = tuple(int(v) for v in value) if field == "volume_size" else value
-    known = {f.name for f in dataclasses.fields(phantom.PhantomOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"phantom: unknown option(s) {unknown}; known: {sorted(known)}")
-    opts = phantom.PhantomOptions(**options)
-    counts = {s: n for s, n in counts.items() if n is not None}
+    opts = phantom.options_from(options)
     modality = records.option("phantom_modality", modality)
     configs = [make_config(m, counts, opts) for m in ([modality] if modality else MODALITIES)]
     # TFDS takes the registered default configs by name only.

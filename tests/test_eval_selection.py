@@ -199,7 +199,7 @@ def test_evaluate_planted(monkeypatch):
 
 def test_evaluate_real_model_tiny():
     """The real model end to end on both modalities: every metric present and in range."""
-    from unimedi_jax.data import phantom, pipeline
+    from unimedi_jax.data import phantom, sources
     from unimedi_jax.models.unimedi import UniMedI
 
     config = pretrain.get_config()
@@ -212,7 +212,7 @@ def test_evaluate_real_model_tiny():
     config.objective.selection.k = 2
     config.eval.update(max_examples=10, batch_size=4)
     opts = phantom.PhantomOptions(volume_size=(16, 32, 32), image_size=40)
-    source = lambda m, s: pipeline.ProceduralPhantomSource(m, phantom.split_seed(0, s), opts, 12)
+    source = lambda m, s: sources.ProceduralPhantomSource(m, phantom.split_seed(0, s), opts, 12)
     model = UniMedI.from_config(config)
     params = model.init(jax.random.key(0))
     got = pretrain_eval.evaluate(params, config, source("ct", "validation"),

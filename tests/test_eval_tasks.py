@@ -364,8 +364,9 @@ def test_validation_carved_from_train_when_missing(monkeypatch):
 
     splits = ["train", "test"]
     monkeypatch.setattr(build, "build_dataset", lambda *a, **k: _FakeBuilder(splits))
-    data = ml_collections.ConfigDict(dict(name="bcv", data_dir="/x", build_options={},
-                                          validation_from_train=0.2, max_examples={}))
+    data = ml_collections.ConfigDict(dict(name="bcv", modality="ct", data_dir="/x",
+                                          build_options={}, validation_from_train=0.2,
+                                          max_examples={}))
     sources, names = tasks.open_splits(data)
     train = [r["i"] for r in sources["train"]]
     val = [r["i"] for r in sources["validation"]]

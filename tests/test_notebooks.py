@@ -21,7 +21,7 @@ from IPython.core.inputtransformer2 import TransformerManager
 from nbclient import NotebookClient
 from PIL import Image
 
-from unimedi_jax.data import pipeline
+from unimedi_jax.data import sources
 from unimedi_jax.models import bundle
 
 COLAB = Path(__file__).resolve().parents[1] / "colab"
@@ -50,9 +50,9 @@ def data_dir(tmp_path_factory):
         if not done.exists():
             config = bundle.read_config(ENCODER)
             for modality in ("ct", "xray"):
-                pipeline.open_source("phantom", modality, "test", data_dir=str(data_dir),
-                                     stored_size=config.data[modality].stored_size,
-                                     options=SPLITS)
+                sources.open_split("phantom", modality, "test", data_dir=str(data_dir),
+                                   stored_size=config.data[modality].stored_size,
+                                   options=SPLITS)
             done.touch()
     return data_dir
 

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from unimedi_jax.data import phantom, pipeline, preprocess, text
+from unimedi_jax.data import phantom, pipeline, preprocess, sources, text
 
 
 
@@ -321,7 +321,7 @@ def test_procedural_source_is_the_phantom_generator():
     opts = phantom.PhantomOptions(volume_size=(8, 16, 16), image_size=16, xray_render_size=12,
                                   xray_depth_samples=8)
     seed = phantom.split_seed(0, "train")
-    source = pipeline.ProceduralPhantomSource("ct", seed, opts)
+    source = sources.ProceduralPhantomSource("ct", seed, opts)
     assert len(source) == 2**31 - 1
     record, expected = source[5], phantom.generate_ct(seed, 5, opts)
     assert record.keys() == expected.keys()
@@ -330,7 +330,7 @@ def test_procedural_source_is_the_phantom_generator():
         source[-1]
     batch = next(iter(make(source, modality="ct", crop_size=(8, 16, 16))))
     assert batch["volume"].shape == (4, 8, 16, 16) and batch["slice_has_finding"].shape == (4, 8)
-    xray = next(iter(make(pipeline.ProceduralPhantomSource("xray", seed, opts),
+    xray = next(iter(make(sources.ProceduralPhantomSource("xray", seed, opts),
                           modality="xray", crop_size=12)))
     assert xray["image"].shape == (4, 12, 12) and xray["labels"].shape == (4, 5)
 
@@ -391,11 +391,11 @@ def tiny_data_config(data_dir, procedural):
 
 
 def test_prepared_phantom_split_is_the_start_of_the_procedural_stream(tmp_path):
-    source = pipeline.open_source("phantom", "ct", "validation", data_dir=tmp_path,
-                                  stored_size=(8, 16, 16), options={**TINY_PHANTOM, **TINY_SPLITS})
+    source = sources.open_split("phantom", "ct", "validation", data_dir=tmp_path,
+                                stored_size=(8, 16, 16), options={**TINY_PHANTOM, **TINY_SPLITS})
     assert len(source) == 4
     opts = phantom.PhantomOptions(volume_size=(8, 16, 16), **TINY_PHANTOM)
-    stream = pipeline.ProceduralPhantomSource("ct", phantom.split_seed(7, "validation"), opts)
+    stream = sources.ProceduralPhantomSource("ct", phantom.split_seed(7, "validation"), opts)
     for i in range(4):
         np.testing.assert_array_equal(source[i]["volume"], stream[i]["volume"])
         assert text.as_text(source[i]["report"]) == stream[i]["report"]
@@ -405,9 +405,9 @@ def test_prepared_phantom_split_is_the_start_of_the_procedural_stream(tmp_path):
     np.testing.assert_array_equal(batch["volume"], expected)
     np.testing.assert_array_equal(batch["slice_has_finding"],
                                   np.stack([stream[i]["slice_has_finding"] for i in range(4)]))
-    with pytest.raises(ValueError, match="has no split 'test'"):
-        pipeline.open_source("phantom", "ct", "test", data_dir=tmp_path, stored_size=(8, 16, 16),
-                             options={**TINY_PHANTOM, **TINY_SPLITS})
+    with pytest.raises(ValueError, match=r"has no split\(s\) \['test'\]"):
+        sources.open_split("phantom", "ct", "test", data_dir=tmp_path, stored_size=(8, 16, 16),
+                           options={**TINY_PHANTOM, **TINY_SPLITS})
 
 
 @pytest.mark.parametrize("procedural", [True, False])

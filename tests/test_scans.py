@@ -12,7 +12,7 @@ from PIL import Image
 from configs import pretrain
 from data_prep import readers
 from unimedi_jax import inference, scans
-from unimedi_jax.data import pipeline, transforms
+from unimedi_jax.data import sources, transforms
 
 from test_inference import tiny_run  # noqa: E402  (tests/ is on the path)
 from test_readers import anatomy, write_dicom, write_dicom_series, write_nifti  # noqa: E402
@@ -66,9 +66,9 @@ def test_builder_and_inference_paths_give_identical_arrays(tmp_path, enc):
     checked = 0
     for modality in ("ct", "xray"):
         spec = config.data[modality]
-        source = pipeline.open_source("manifest", modality, "train", data_dir=str(tmp_path / "d"),
-                                      stored_size=spec.stored_size,
-                                      options={**spec.options, "manifest": str(raw / "m.csv")})
+        source = sources.open_split("manifest", modality, "train", data_dir=str(tmp_path / "d"),
+                                    stored_size=spec.stored_size,
+                                    options={**spec.options, "manifest": str(raw / "m.csv")})
         crop = transforms.CenterCrop(modality, spec.crop_size)
         key = "volume" if modality == "ct" else "image"
         for i in range(len(source)):

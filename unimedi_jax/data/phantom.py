@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -193,6 +194,34 @@ SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
 # unlimited pairs procedurally; the stored splits serve evaluation).
 DEFAULT_EXAMPLES = {"ct": {"train": 1000, "validation": 200, "test": 200},
                     "xray": {"train": 2000, "validation": 400, "test": 400}}
+
+
+def options_from(options: Mapping[str, Any]) -> PhantomOptions:
+    """`PhantomOptions` of a mapping of its fields (a config's or a builder's options): None
+    keeps a field's default, a list becomes a tuple; any other key is a ValueError."""
+    known = {f.name for f in dataclasses.fields(PhantomOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"phantom: unknown option(s) {unknown}; known: {sorted(known)}")
+    return PhantomOptions(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in options.items() if v is not None})
+
+
+def split_sizes(modality: str, num_examples: Mapping[str, int | None] | None = None
+                ) -> dict[str, int]:
+    """Examples per split of `modality`: DEFAULT_EXAMPLES with `num_examples` (split -> count,
+    None keeps the default) over it."""
+    if modality not in DEFAULT_EXAMPLES:
+        raise ValueError(f"phantom: modality {modality!r} is not one of {list(DEFAULT_EXAMPLES)}")
+    counts = dict(DEFAULT_EXAMPLES[modality])
+    for split, n in (num_examples or {}).items():
+        if n is None:
+            continue
+        if split not in counts or int(n) < 0:
+            raise ValueError(f"phantom: num_{split}={n!r}: needs a split of {list(counts)} "
+                             "and a count >= 0")
+        counts[split] = int(n)
+    return counts
 
 
 def split_seed(base_seed: int, split: str) -> int:

@@ -1,8 +1,7 @@
 """Grain input pipelines: stored records -> fixed-shape model-input batches (docs/CONTRACTS.md).
 
-`make_dataset` turns any random-access record source (`builder.as_data_source(split)`, a
-`ProceduralPhantomSource`, or any object with `__len__` and `__getitem__` returning record
-dicts) into batches per process:
+`make_dataset` turns any random-access record source (`sources.open_split(...)`, or any object
+with `__len__` and `__getitem__` returning record dicts) into batches per process:
 
     MapDataset.source(source)
       .map_with_index(CheckRecords)      every record checked against record 0's fields
@@ -20,7 +19,7 @@ so all processes run the same number of steps.
 
 `MixedIterator` steps a 2D and a 3D iterator together; `make_mixed` builds it from `config.data`.
 Iterator states are plain JSON dicts (`get_state` / `set_state`) for the trainer's checkpoint.
-`open_source` opens (and on first use prepares) a data_prep dataset split.
+`make_mixed` and `PretrainData` open the splits of `config.data` with `sources.open_split`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -36,68 +34,11 @@ import jax
 import numpy as np
 from absl import flags
 
-from data_prep import build
-from unimedi_jax.data import phantom, preprocess, text, transforms
+from unimedi_jax.data import preprocess, sources, text, transforms
 
 TEXT_FIELD = "report"
-
-
-# ---------------------------------------------------------------- sources
-
-
-class ProceduralPhantomSource:
-    """Random-access source of generated phantom records: record i is
-    `phantom.generate_<modality>(seed, i, opts)`, made on demand (unlimited training pairs).
-
-    `seed` is the stream seed, normally `phantom.split_seed(opts.seed, split)`, the stream a
-    built phantom split of the same options holds (so a "train" stream never meets "test").
-    """
-
-    def __init__(self, modality: str, seed: int, opts: phantom.PhantomOptions | None = None,
-                 length: int = 2**31 - 1):
-        transforms.modality(modality)
-        if length <= 0:
-            raise ValueError(f"length must be positive, got {length}")
-        self.modality, self.seed, self.length = modality, int(seed), int(length)
-        self.opts = phantom.PhantomOptions() if opts is None else opts
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < self.length:
-            raise IndexError(f"{self!r}: index {index} out of range")
-        return phantom.generate(self.modality, self.seed, index, self.opts)
-
-    def __repr__(self) -> str:
-        return f"ProceduralPhantomSource({self.modality!r}, seed={self.seed}, length={self.length})"
-
-
-def _size_option(dataset: str, modality: str, stored_size) -> dict:
-    """The builder option of the stored size: the phantom's, or data_prep's shared one."""
-    if modality == "ct":
-        key = "volume_size" if dataset == "phantom" else "ct_size"
-        return {key: tuple(int(s) for s in stored_size)}
-    return {"image_size" if dataset == "phantom" else "xray_size": int(stored_size)}
-
-
-def open_source(dataset: str, modality: str, split: str, *, data_dir: str, stored_size,
-                options: Mapping[str, Any] | None = None):
-    """Records of `split` of the data_prep dataset `dataset` (a `data_prep.build.DATASETS`
-    name) for `modality`, stored at `stored_size`; prepared in `data_dir` on first use.
-
-    `options` go to the dataset's builder: `PhantomOptions` fields for "phantom", e.g.
-    `manifest=PATH` for "manifest". Returns `builder.as_data_source(split)`.
-    """
-    options = {**(options or {}), **_size_option(dataset, modality, stored_size)}
-    if dataset in ("phantom", "manifest"):
-        options["modality"] = modality
-    builder = build.build_dataset(dataset, os.path.expanduser(data_dir), **options)
-    if split not in builder.info.splits:
-        raise ValueError(f"{dataset} ({modality}) in {data_dir} has no split {split!r}; it has "
-                         f"{sorted(builder.info.splits)}")
-    return builder.as_data_source(split)
+# benchmarks/input_pipeline.py reads the procedural source from here.
+ProceduralPhantomSource = sources.ProceduralPhantomSource
 
 
 # ---------------------------------------------------------------- record checks
@@ -341,8 +282,8 @@ def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
 
     Keys of `data` (an ml_collections.ConfigDict or any mapping with attribute access):
       data_dir: TFDS data_dir of prepared datasets ("~" expanded).
-      procedural: train on `ProceduralPhantomSource` streams (unlimited phantom pairs) instead
-        of prepared splits; the stream is the one the phantom's `split` would hold.
+      procedural: train on `sources.ProceduralPhantomSource` streams (unlimited phantom pairs)
+        instead of prepared splits; the stream is the one the phantom's `split` would hold.
       phantom: optional `PhantomOptions` fields beyond the stored sizes (e.g. seed), for the
         procedural streams and prepared phantom datasets alike.
       seed: shuffling and augmentation seed, the same on every process.
@@ -359,7 +300,6 @@ def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
         options: optional further builder options (e.g. manifest=PATH).
     """
     process_index, process_count = _process(process_index, process_count)
-    phantom_extra = dict(data.get("phantom") or {})
     iterators = {}
     for modality in ("xray", "ct"):
         spec, global_batch = data[modality], int(data[f"batch_size_{modality}"])
@@ -373,16 +313,8 @@ def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
             if spec.dataset != "phantom":
                 raise ValueError(f"config.data.procedural needs config.data.{modality}.dataset="
                                  f"'phantom', not {spec.dataset!r}")
-            opts = phantom.PhantomOptions(
-                **{**phantom_extra, **_size_option("phantom", modality, spec.stored_size)})
-            stream = phantom.split_seed(opts.seed, spec.split)
-            source = ProceduralPhantomSource(modality, stream, opts)
             name = f"procedural {name}"
-        else:
-            extra = phantom_extra if spec.dataset == "phantom" else {}
-            source = open_source(spec.dataset, modality, spec.split, data_dir=data.data_dir,
-                                 stored_size=spec.stored_size,
-                                 options={**extra, **dict(spec.get("options") or {})})
+        source = _config_split(data, modality, spec.split, procedural=data.procedural)
         augment = spec.get("augment")
         iterators[modality] = iter(make_dataset(
             source, modality=modality, batch_size=global_batch // process_count, train=True,
@@ -395,6 +327,18 @@ def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
 
 
 # ---------------------------------------------------------------- pretraining data
+
+
+def _config_split(data, modality: str, split: str, *, procedural: bool = False):
+    """Records of `split` of `config.data[modality]` (`sources.open_split`): its dataset at its
+    stored_size, with its options over `config.data.phantom` (for the phantom); procedural: the
+    unlimited stream of the phantom split."""
+    spec = data[modality]
+    extra = dict(data.get("phantom") or {}) if spec.dataset == "phantom" else {}
+    return sources.open_split(
+        spec.dataset, modality, split, data_dir=data.data_dir, stored_size=spec.stored_size,
+        options={**extra, **dict(spec.get("options") or {})}, procedural=procedural,
+        length=sources.UNLIMITED if procedural else None)
 
 
 @dataclasses.dataclass
@@ -412,12 +356,7 @@ class PretrainData:
         return make_mixed(self.config.data, tokenizer_folder=self.tokenizer_folder)
 
     def source(self, modality: str, split: str):
-        data = self.config.data
-        spec = data[modality]
-        extra = dict(data.get("phantom") or {}) if spec.dataset == "phantom" else {}
-        return open_source(spec.dataset, modality, split, data_dir=data.data_dir,
-                           stored_size=spec.stored_size,
-                           options={**extra, **dict(spec.get("options") or {})})
+        return _config_split(self.config.data, modality, split)
 
     @functools.cached_property
     def val_ct(self):

@@ -1,12 +1,11 @@
 """What every downstream task shares: its data splits, the encoder to evaluate, label handling,
 label-fraction subsets, early stopping, and the results file.
 
-Data (`config.data`): `name` is a data_prep dataset, built into `data_dir` on first use with
-`data_prep.build.build_dataset(name, data_dir, manual_dir, **build_options)` (the phantom also
-gets `modality=data.modality`) and read as `builder.as_data_source(split)`. For the phantom,
-`procedural=True` generates the same records on the fly instead
-(`pipeline.ProceduralPhantomSource`; `build_options` give the split sizes `num_<split>` and the
-`PhantomOptions`). A dataset without a validation split gets one carved from its training
+Data (`config.data`): `name` is a data_prep dataset of `modality`, opened with
+`sources.open_dataset(name, modality, data_dir=..., manual_dir=..., options=build_options,
+procedural=...)`: built into `data_dir` on first use, or for the phantom with `procedural=True`
+the same records generated on the fly (`build_options` give the split sizes `num_<split>` and
+the `PhantomOptions`). A dataset without a validation split gets one carved from its training
 split (`data.validation_from_train`); `data.max_examples` caps each split.
 
 Encoder (`config.init_from`): a pretraining workdir (its "params" = the student, or the EMA
@@ -30,9 +29,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from data_prep import build
 from unimedi_jax import files
-from unimedi_jax.data import phantom, pipeline
+from unimedi_jax.data import pipeline, sources
 from unimedi_jax.eval import features
 from unimedi_jax.models import bundle
 from unimedi_jax.models.unimedi import UniMedI
@@ -52,48 +50,21 @@ def split_name(data_cfg, split: str) -> str:
     return f"{data_cfg.name}/{split}"
 
 
-def _phantom_options(build_options) -> phantom.PhantomOptions:
-    fields = {f.name for f in dataclasses.fields(phantom.PhantomOptions)}
-    values = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-              for k, v in build_options.items() if k in fields}
-    return phantom.PhantomOptions(**values)
-
-
 def open_splits(data_cfg, splits: Sequence[str] = SPLITS) -> tuple[dict, tuple[str, ...]]:
     """({split: random-access record source}, label names) of `config.data`."""
     for split in splits:
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; known: {SPLITS}")
-    options = {k: v for k, v in data_cfg.build_options.items() if v is not None}
-    if data_cfg.name == "phantom":
-        options["modality"] = data_cfg.modality
-    if data_cfg.get("procedural"):
-        if data_cfg.name != "phantom":
-            raise ValueError(f"config.data.procedural needs the phantom, not {data_cfg.name!r}")
-        opts = _phantom_options(options)
-        counts = phantom.DEFAULT_EXAMPLES[data_cfg.modality]
-        sources = {s: pipeline.ProceduralPhantomSource(
-            data_cfg.modality, phantom.split_seed(opts.seed, s), opts,
-            length=options.get(f"num_{s}", counts[s])) for s in splits}
-        return _limit(sources, data_cfg), tuple(phantom.LABEL_NAMES)
-    data_dir = os.path.expanduser(data_cfg.data_dir)
-    manual_dir = os.path.expanduser(data_cfg.manual_dir) if data_cfg.get("manual_dir") else None
-    builder = build.build_dataset(data_cfg.name, data_dir, manual_dir, **options)
-    if isinstance(builder, (list, tuple)):
-        raise ValueError(f"Dataset {data_cfg.name} has several parts; name one with "
-                         "config.data.build_options")
-    available = set(builder.info.splits)
-    carve = "validation" in splits and "validation" not in available and "train" in available
-    missing = [s for s in splits if s not in available and not (carve and s == "validation")]
-    if missing:
-        raise ValueError(f"Dataset {data_cfg.name} in {data_dir} has no split(s) {missing}; "
-                         f"it has {sorted(available)}")
-    sources = {s: builder.as_data_source(s) for s in splits if s in available}
+    opened = sources.open_dataset(
+        data_cfg.name, data_cfg.modality, data_dir=data_cfg.data_dir,
+        manual_dir=data_cfg.get("manual_dir"), options=data_cfg.build_options,
+        procedural=bool(data_cfg.get("procedural")))
+    carve = ("validation" in splits and "validation" not in opened.splits
+             and "train" in opened.splits)
+    found = opened.sources([s for s in splits if not (carve and s == "validation")])
     if carve:
-        sources.update(_carve_validation(builder.as_data_source("train"),
-                                         data_cfg.validation_from_train))
-    names = tuple(builder.info.metadata["label_names"])
-    return _limit({s: sources[s] for s in splits}, data_cfg), names
+        found.update(_carve_validation(opened.split("train"), data_cfg.validation_from_train))
+    return _limit({s: found[s] for s in splits}, data_cfg), opened.label_names
 
 
 def _carve_validation(train, fraction: float) -> dict:
