@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 
 from data_prep import build
-from unimedi_jax.data import phantom, pipeline
+from unimedi_jax.data import phantom, pipeline, sources
 from unimedi_jax.models import bert
 
 # Stored and crop sizes: "default" is configs/pretrain.py's, "paper" is DESIGN.md's
@@ -100,7 +100,7 @@ def bench_size(name: str, data_dir: str, tokenizer: str, *, num_examples: int = 
         out = {"build_s": round(time.perf_counter() - start, 2)}
         source = builder.as_data_source("train")
         out["raw"] = time_reads(source, len(source))
-        procedural = pipeline.ProceduralPhantomSource(
+        procedural = sources.ProceduralPhantomSource(
             modality, phantom.split_seed(opts.seed, "train"), opts)
         out["procedural"] = time_reads(procedural, min(len(source), 128))
         for count in workers:

@@ -280,3 +280,29 @@ def test_eval_batches_pad_and_check_records():
     with pytest.raises(ValueError, match="slice_has_finding"):
         selection_eval.truth_only(_records(3, 4, with_flags=False), crop_size=(DEPTH, SIDE, SIDE),
                                   batch_size=2, patch_depth=PATCH_DEPTH, name="x")
+
+
+def test_apply_batched_on_a_mesh_splits_each_batch_over_its_batch_axes():
+    """With the training mesh, every batch reaches fn split over (data, fsdp), the params stay
+    where they lie, and the outputs come back in order without the padding."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from unimedi_jax.models.layers import BATCH_AXES
+    from unimedi_jax.train import sharding
+
+    mesh = sharding.make_mesh([("data", 4), ("fsdp", 2)])
+    params = jax.device_put(np.float32(2.0), NamedSharding(mesh, P()))
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    seen = []
+
+    def fn(p, batch):
+        seen.append(batch["x"].sharding)
+        return {"y": batch["x"] * p}
+
+    batches = [(features.pad_batch({"x": x[i:i + 8]}, 8), min(8, 10 - i)) for i in (0, 8)]
+    got = features.apply_batched(fn, params, batches, keep=("x",), mesh=mesh)
+    np.testing.assert_array_equal(got["y"], 2 * x)
+    np.testing.assert_array_equal(got["x"], x)
+    assert all(s.spec == P(BATCH_AXES) and s.mesh == mesh for s in seen), seen
+    with pytest.raises(ValueError, match="divisible|divide|evenly"):
+        features.apply_batched(fn, params, [({"x": x[:6]}, 6)], mesh=mesh)

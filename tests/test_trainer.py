@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from unimedi_jax.train import checkpoint, trainer, validation, writers
+from unimedi_jax.train import checkpoint, sharding, trainer, validation, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -99,6 +99,13 @@ def test_one_device_matches_eight(reference, tmp_path, data_dir):
     # Reductions are ordered differently across devices; Adam then amplifies float noise in
     # near-zero gradients, so the trajectory (not each parameter) is what can match closely.
     np.testing.assert_allclose(one, eight, rtol=1e-5)
+    # The step-0 evaluation: on one device, and split over the eight of the training mesh.
+    init_one, init_eight = (json.loads((w / "eval_init.json").read_text())
+                            for w in (tmp_path, workdir))
+    assert set(init_one) == set(init_eight) and "zero_shot_mean_auroc" in init_one
+    for key in init_one:
+        np.testing.assert_allclose(init_one[key], init_eight[key], rtol=1e-4, atol=1e-5,
+                                   err_msg=key)
 
 
 def _steps(workdir):
@@ -200,8 +207,8 @@ def test_metrics_reach_the_host_only_at_log_and_checkpoint_steps(tmp_path, data_
     the training iterator is closed at the end."""
     from unimedi_jax.data import pipeline
     fetched, closed = [], []
-    host, close = trainer._host, pipeline.MixedIterator.close
-    monkeypatch.setattr(trainer, "_host", lambda tree: fetched.append(
+    host, close = sharding.to_host, pipeline.MixedIterator.close
+    monkeypatch.setattr(sharding, "to_host", lambda tree: fetched.append(
         isinstance(tree, dict) and "loss" in tree) or host(tree))
     monkeypatch.setattr(pipeline.MixedIterator, "close",
                         lambda self: closed.append(1) or close(self))
@@ -291,6 +298,9 @@ def test_batch_not_divisible_by_devices(tmp_path):
     config.data.batch_size_ct = 6
     with pytest.raises(validation.ConfigError, match=r"batch_size_ct=6 is not divisible by the "
                                                      r"data-parallel size 8"):
+        validation.check_batch_divisible(config, 8)
+    config.data.batch_size_ct, config.eval.batch_size = 8, 12  # evaluation runs on the mesh too
+    with pytest.raises(validation.ConfigError, match=r"config.eval.batch_size=12 is not divisible"):
         validation.check_batch_divisible(config, 8)
 
 

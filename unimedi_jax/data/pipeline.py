@@ -37,8 +37,6 @@ from absl import flags
 from unimedi_jax.data import preprocess, sources, text, transforms
 
 TEXT_FIELD = "report"
-# benchmarks/input_pipeline.py reads the procedural source from here.
-ProceduralPhantomSource = sources.ProceduralPhantomSource
 
 
 # ---------------------------------------------------------------- record checks

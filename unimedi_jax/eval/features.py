@@ -30,10 +30,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from unimedi_jax.data import pipeline, text, transforms
 from unimedi_jax.models.layers import l2_normalize
 from unimedi_jax.objective import selection
+from unimedi_jax.train import sharding
 
 Batch = dict[str, np.ndarray]
 
@@ -117,16 +119,29 @@ def eval_batches(
 
 
 def apply_batched(fn: Callable[[Any, Batch], dict] | None, params: Any,
-                  batches: Iterable[tuple[Batch, int]], keep: Sequence[str] = ()) -> dict:
+                  batches: Iterable[tuple[Batch, int]], keep: Sequence[str] = (),
+                  mesh: Mesh | None = None) -> dict:
     """Runs `fn(params, batch)` on every batch; returns its outputs and the `keep` fields of the
-    batches, concatenated over the real rows as host numpy arrays. fn=None only collects."""
+    batches, concatenated over the real rows as host numpy arrays. fn=None only collects.
+
+    With a `mesh` (the training mesh, params as training placed them), every process passes
+    the same batches, each is split over the mesh's batch axes (its size must divide by their
+    size), and fn runs under the mesh; without one, fn runs where params lie.
+    """
     outputs, kept = [], []
     for batch, n in batches:
-        outputs.append((fn(params, batch) if fn is not None else {}, n))
+        if fn is None:
+            out = {}
+        elif mesh is None:
+            out = fn(params, batch)
+        else:
+            with jax.set_mesh(mesh):
+                out = fn(params, sharding.put_global(batch, mesh))
+        outputs.append((out, n))
         kept.append({k: batch[k][:n] for k in keep if k in batch})
     if not outputs:
         raise ValueError("apply_batched: no batches")
-    host = [({k: np.asarray(v)[:n] for k, v in jax.device_get(out).items()}) for out, n in outputs]
+    host = [({k: v[:n] for k, v in sharding.to_host(out).items()}) for out, n in outputs]
     joined = {k: np.concatenate([h[k] for h in host]) for k in host[0]}
     joined.update({k: np.concatenate([c[k] for c in kept]) for k in kept[0]})
     return joined

@@ -48,13 +48,15 @@ from unimedi_jax.objective.step import logit_scale
 CROP = {"ct": lambda c: c.data.ct.crop_size, "xray": lambda c: c.data.xray.crop_size}
 
 
-def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str, float]:
+def evaluate(params: dict, config, val_ct, val_xray, train_ct=None, mesh=None
+             ) -> dict[str, float]:
     """The metrics above for the student params {"vision", "text", "img_proj", "txt_proj", ...}
-    (params {"vision", ...} of a method without language: the backbone's collapse only)."""
+    (params {"vision", ...} of a method without language: the backbone's collapse only); with
+    the training `mesh`, the encoders run on it (params as training placed them)."""
     model = UniMedI.from_config(config)
     ev = config.eval
     if not methods.has_text(config):
-        return backbone_collapse(model, params, config, {"ct": val_ct, "xray": val_xray})
+        return backbone_collapse(model, params, config, {"ct": val_ct, "xray": val_xray}, mesh)
     results: dict[str, float] = {}
     slabs, embedded = None, {}
     for modality, source in (("ct", val_ct), ("xray", val_xray)):
@@ -64,7 +66,7 @@ def evaluate(params: dict, config, val_ct, val_xray, train_ct=None) -> dict[str,
                               modality=modality, selection_cfg=config.objective.selection,
                               crop_size=CROP[modality](config), batch_size=ev.batch_size,
                               max_length=config.model.text.max_length,
-                              name=f"{modality} evaluation split")
+                              name=f"{modality} evaluation split", mesh=mesh)
         embedded[modality] = got
         r = retrieval.retrieval_metrics(got["image"], got["text"], got["labels"], ks=(1,))
         results.update({f"retrieval_r1_{modality}": r["i2t_r1"],
@@ -112,7 +114,8 @@ def embedding_metrics(images: dict[str, np.ndarray], prefix: str = "image_embedd
     return out
 
 
-def backbone_collapse(model, params: dict, config, sources: dict) -> dict[str, float]:
+def backbone_collapse(model, params: dict, config, sources: dict, mesh=None
+                      ) -> dict[str, float]:
     """`embedding_metrics` (prefix "cls") of the backbone [CLS] of the first
     config.eval.max_examples records of each source {modality: source or None}."""
     ev, cls = config.eval, {}
@@ -124,7 +127,7 @@ def backbone_collapse(model, params: dict, config, sources: dict) -> dict[str, f
             crop_size=CROP[modality](config), batch_size=ev.batch_size, fields=(),
             name=f"{modality} evaluation split")
         cls[modality] = features.apply_batched(features.backbone_encoder(model.vit, modality),
-                                               params["vision"], batches)["features"]
+                                               params["vision"], batches, mesh=mesh)["features"]
     return embedding_metrics(cls, prefix="cls") if cls else {}
 
 

@@ -48,14 +48,16 @@ def retrieval_metrics(image: np.ndarray, text: np.ndarray, labels: np.ndarray,
 
 
 def embed(model, params: dict, source, *, modality: str, selection_cfg, crop_size,
-          batch_size: int, max_length: int, name: str) -> dict[str, np.ndarray]:
-    """{"image", "text" (N, P), "labels" (N, L), and for CT "slab_scores", "slice_has_finding"}."""
+          batch_size: int, max_length: int, name: str, mesh=None) -> dict[str, np.ndarray]:
+    """{"image", "text" (N, P), "labels" (N, L), and for CT "slab_scores", "slice_has_finding"};
+    with a `mesh`, on it (`features.apply_batched`)."""
     batches = features.eval_batches(
         source, modality=modality, crop_size=crop_size, batch_size=batch_size,
         fields=("labels", "slice_has_finding"), tokenizer_folder=model.text_checkpoint,
         max_length=max_length, name=name)
     fn = features.clip_encoder(model, modality, features.Selection.from_config(selection_cfg))
-    return features.apply_batched(fn, params, batches, keep=("labels", "slice_has_finding"))
+    return features.apply_batched(fn, params, batches, keep=("labels", "slice_has_finding"),
+                                  mesh=mesh)
 
 
 def run(config, workdir: str) -> dict:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import jax
 from absl import logging
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unimedi_jax.models.layers import BATCH_AXES
@@ -89,6 +90,27 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
     """Host-local numpy batch -> global arrays split over the batch axes (multi-process safe)."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def put_global(batch: Any, mesh: Mesh) -> Any:
+    """A global numpy batch that every process holds whole (an evaluation batch) -> global
+    arrays split over the batch axes; each process places the rows of its own devices."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index]),
+        batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Device arrays -> numpy on every process: replicated leaves from a local copy (no
+    collective), sharded leaves gathered across processes."""
+    def get(x):
+        if jax.process_count() == 1 or not isinstance(x, jax.Array):
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(get, tree)
 
 
 def compile_cpu_collectives_afresh():

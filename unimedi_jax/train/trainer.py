@@ -105,19 +105,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _host(tree: Any) -> Any:
-    """Device arrays -> numpy on every process: replicated leaves from a local copy (no
-    collective), sharded leaves gathered across processes."""
-    def get(x):
-        if jax.process_count() == 1 or not isinstance(x, jax.Array):
-            return np.asarray(jax.device_get(x))
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return jax.tree.map(get, tree)
-
-
 def _scalars(metrics: dict) -> dict:
     """The scalar entries of a metrics dict (vectors such as slice indices are dropped)."""
     return {k: v for k, v in metrics.items() if np.ndim(v) == 0}
@@ -182,16 +169,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = jax.jit(setup.train_step, in_shardings=(state_sharding, batch_sharding, repl),
                      out_shardings=(state_sharding, repl), donate_argnums=(0,))
     writer = writers.Writer(workdir, resume_step=start)
-    # The evaluators are compiled once (`eval.features`) and run on one device with the params
-    # brought to the host: on the training mesh, params replicated over it and an unsharded
-    # evaluation batch would repeat the whole computation on every device.
-    evaluate = lambda s: pretrain_eval.evaluate(_host(s["params"]), config, data.val_ct,
-                                                data.val_xray, data.train_ct)
+    # The evaluators are compiled once (`eval.features`) and run on the training mesh: the
+    # params where training left them, each evaluation batch split over the data axes.
+    evaluate = lambda s: pretrain_eval.evaluate(s["params"], config, data.val_ct, data.val_xray,
+                                                data.train_ct, mesh=mesh)
 
     summary_init = _initial_eval(workdir, start, state, evaluate, writer)
     # The locked text tower's features of every training report, once (from the state's text
     # params, so a resumed run uses what it trained with).
-    cache = (report_cache.for_training(config, setup.model, _host(state["params"]["text"]), data)
+    cache = (report_cache.for_training(config, setup.model,
+                                       shd.to_host(state["params"]["text"]), data)
              if methods.has_text(config) else None)
     if cache is not None:
         logging.info("Report cache: %d distinct training reports encoded once", len(cache))
@@ -216,11 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t0, steps_timed = time.time(), 0
             steps_timed += 1
             # One step late (no stall), and one device scalar unless it says non-finite.
-            if previous is not None and not bool(_host(previous[1]["finite"])):
-                _check_finite(previous[0], _host(previous[1]), config.on_nonfinite)
+            if previous is not None and not bool(shd.to_host(previous[1]["finite"])):
+                _check_finite(previous[0], shd.to_host(previous[1]), config.on_nonfinite)
             previous = (step, metrics)
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                host = _host(metrics)
+                host = shd.to_host(metrics)
                 _check_finite(step, host, config.on_nonfinite)
                 rate = steps_timed / max(time.time() - t0, 1e-9)
                 writer.write_scalars(step, {**_scalars(host), "steps_per_s": rate,
@@ -228,14 +215,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.set_postfix(loss=f"{float(host['loss']):.4f}", refresh=False)
             progress.update(1)
             if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-                _check_finite(step, _host(metrics), config.on_nonfinite)
+                _check_finite(step, shd.to_host(metrics), config.on_nonfinite)
                 checkpointer.save(step, state, data_state, {"compile_s": compile_s})
             if config.eval_every_steps and step % config.eval_every_steps == 0 \
                     and step < config.total_steps:
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluate(state).items()})
         if preemption.requested and step < config.total_steps:
             if step > start:  # else nothing new since the checkpoint (or start) it resumes from
-                _check_finite(step, _host(metrics), config.on_nonfinite)
+                _check_finite(step, shd.to_host(metrics), config.on_nonfinite)
                 checkpointer.save(step, state, data_state, {"compile_s": compile_s})
                 checkpointer.wait()
             logging.warning("Stopped at step %d after SIGTERM; rerun the command to resume", step)

@@ -106,9 +106,9 @@ def _validate_pair(pair_cfg) -> None:
 
 
 def check_batch_divisible(config: ml_collections.ConfigDict, data_parallel: int) -> None:
-    """Each sub-batch splits evenly over the data-parallel devices."""
-    for key in ("batch_size_xray", "batch_size_ct"):
-        size = config.data[key]
+    """Each sub-batch, and the evaluation batch, splits evenly over the data-parallel devices."""
+    for key in ("data.batch_size_xray", "data.batch_size_ct", "eval.batch_size"):
+        size = _get(config, key)
         if size % data_parallel:
-            raise ConfigError(f"config.data.{key}={size} is not divisible by the "
+            raise ConfigError(f"config.{key}={size} is not divisible by the "
                               f"data-parallel size {data_parallel} (config.mesh={config.mesh})")
