@@ -171,8 +171,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = writers.Writer(workdir, resume_step=start)
     # The evaluators are compiled once (`eval.features`) and run on the training mesh: the
     # params where training left them, each evaluation batch split over the data axes.
-    evaluate = lambda s: pretrain_eval.evaluate(s["params"], config, data.val_ct, data.val_xray,
-                                                data.train_ct, mesh=mesh)
+    def evaluate(s) -> dict:
+        tick = time.time()
+        out = pretrain_eval.evaluate(s["params"], config, data.val_ct, data.val_xray,
+                                     data.train_ct, mesh=mesh)
+        return {**out, "eval_wall_s": time.time() - tick}
 
     summary_init = _initial_eval(workdir, start, state, evaluate, writer)
     # The locked text tower's features of every training report, once (from the state's text
