@@ -1,11 +1,13 @@
 """Lowers and compiles the paper config's train step on CPU: parameters, FLOPs, memory, time.
 
     python -m benchmarks.compile_paper_config [--batch_xray=2 --batch_ct=2] [--remat=both]
-        [--batch --device_memory_gb=80]
+        [--scan=config] [--batch --device_memory_gb=80]
 
 configs/pretrain_vitb16.py as it is (ViT-B/16, bfloat16 compute, 224x224 X-rays, 32x128x128 CT,
 DINO head K=8192) with a random-init text encoder of BioClinicalBERT's sizes (first 6 of its 12
-layers, as the config), at a small batch, once without and once with `model.vit.remat`. The
+layers, as the config), at a small batch, once without and once with `model.vit.remat`, and
+with `--scan=both` each of those with the layers of both towers unscanned and scanned
+(`model.vit.scan`, `model.text.scan`; `--scan=config`: as the config). The
 step is the trainer's (`jax.jit` with the state's shardings on a one-device mesh, state
 donated), lowered from abstract shapes, so no parameter memory is allocated.
 
@@ -66,6 +68,7 @@ def compile_step(config, b2: int, b3: int) -> dict:
     params = abstract["params"]
     trained = jax.tree.map(lambda p, t: p if t else None, params, trainable_mask(params, config))
     return {"batch_xray": b2, "batch_ct": b3, "remat": bool(config.model.vit.remat),
+            "scan": bool(config.model.vit.scan), "text_scan": bool(config.model.text.scan),
             "params": common.param_count(params), "trainable_params": common.param_count(trained),
             "flops_per_step": common.step_flops(setup.model, config)["total"],
             "xla_flops": common.xla_flops(compiled),
@@ -89,7 +92,7 @@ def largest_batch(base: dict, more_xray: dict, more_ct: dict, ratio: tuple[int, 
 
 
 def _report(r: dict) -> None:
-    print(f"remat={r['remat']!s:5} batch {r['batch_xray']}+{r['batch_ct']}: "
+    print(f"remat={r['remat']!s:5} scan={r['scan']!s:5}/{r['text_scan']!s:5} batch {r['batch_xray']}+{r['batch_ct']}: "
           f"{r['params'] / 1e6:.1f}M params ({r['trainable_params'] / 1e6:.1f}M trained), "
           f"FLOPs/step analytic {r['flops_per_step']:.4g} / XLA dots {r['xla_matmul_flops']:.4g}"
           f" / XLA all ops {r['xla_flops']:.4g}, peak {r['peak_bytes'] / GIB:.2f} GiB "
@@ -104,6 +107,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_xray", type=int, default=common.PAPER_BATCH[0])
     parser.add_argument("--batch_ct", type=int, default=common.PAPER_BATCH[1])
     parser.add_argument("--remat", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--scan", choices=("config", "both", "on", "off"), default="config",
+                        help="scan the layers of the ViT and BERT: as the config, or off/on")
     parser.add_argument("--batch", action="store_true",
                         help="estimate the largest batch that fits --device_memory_gb")
     parser.add_argument("--device_memory_gb", type=float, default=80.0,
@@ -114,9 +119,13 @@ def main(argv=None) -> dict:
     ratio = (config.data.batch_size_xray // ratio_gcd, config.data.batch_size_ct // ratio_gcd)
     result = {"preset": args.preset, "machine": common.machine(), "runs": [],
               "batch_estimates": []}
-    remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.remat]
-    for remat in remats:
+    settings = {"both": (False, True), "on": (True,), "off": (False,)}
+    remats = settings[args.remat]
+    scans = {"config": (None,), **settings}[args.scan]  # None: as the config
+    for scan, remat in ((s, r) for s in scans for r in remats):
         config.model.vit.remat = remat
+        if scan is not None:
+            config.model.vit.scan = config.model.text.scan = scan
         base = compile_step(config, args.batch_xray, args.batch_ct)
         _report(base)
         result["runs"].append(base)
@@ -124,7 +133,8 @@ def main(argv=None) -> dict:
             more_xray = compile_step(config, args.batch_xray + ratio[0], args.batch_ct)
             more_ct = compile_step(config, args.batch_xray, args.batch_ct + ratio[1])
             est = dict(largest_batch(base, more_xray, more_ct, ratio,
-                                     args.device_memory_gb * 1e9), remat=remat)
+                                     args.device_memory_gb * 1e9), remat=remat,
+                       scan=bool(config.model.vit.scan))
             result["batch_estimates"].append(est)
             print(f"remat={remat!s:5} memory: {est['fixed_bytes'] / GIB:.2f} GiB fixed + "
                   f"{est['bytes_per_xray'] / 2 ** 20:.0f} MiB/X-ray + "

@@ -57,6 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                         #   projection; docs/RESULTS.md (n: the last n layers
                                         #   train; -1: all, embeddings too)
         dtype="float32",                # compute dtype; "bfloat16" on accelerators
+        scan=False,                     # nn.scan over the layers (models/bert.py)
         pooling="mean",                 # "cls" | "mean": all-MiniLM-L6-v2 is trained mean-pooled
         cache_locked=True,              # DESIGN §3: a locked tower (trainable_layers=0) on
                                         #   stored records runs once per distinct report, not

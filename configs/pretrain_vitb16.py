@@ -22,6 +22,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.vit.patch_size_3d = (4, 16, 16)        # DESIGN §2: 8x8x8 token grid
     config.model.vit.dtype = "bfloat16"                 # compute dtype on accelerators
     config.model.vit.remat = True                       # fits batch 144 on 80 GB with room
+    config.model.vit.scan = True                        # one block body to compile, not 12:
+    config.model.text.scan = True                       #   compile time (docs/BENCHMARKS.md §3)
     config.model.text.checkpoint = ""                   # set to a local Bio_ClinicalBERT folder
     config.model.text.num_layers = 6                    # MGCA: first 6 of 12 layers
     config.model.text.trainable_layers = -1             # MGCA: freeze_bert=False, all of it trains

@@ -91,7 +91,7 @@ def load(workdir_or_checkpoint: str | os.PathLike, step: int | None = None,
     if "model" not in config:
         raise ValueError(f"{workdir / checkpoint.CONFIG_FILE} has no 'model' section: not the "
                          "config of a pretraining run")
-    _, params = checkpoint.load_pretrained(str(workdir), step)
+    config, params = checkpoint.load_pretrained(str(workdir), step)  # unscanned, as its config
     return Encoder.from_params(config, params, batch_size)
 
 

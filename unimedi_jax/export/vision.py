@@ -9,17 +9,8 @@ position table, whose CLS entry is zero. The 3D tokenizer is written beside it u
 from __future__ import annotations
 
 import numpy as np
-import jax
 
-
-def unstack_blocks(params: dict, depth: int) -> dict:
-    """Turns scanned block params ("blocks", leading depth axis) into blocks_0..blocks_{L-1}."""
-    if "blocks" not in params:
-        return params
-    out = {k: v for k, v in params.items() if k != "blocks"}
-    for i in range(depth):
-        out[f"blocks_{i}"] = jax.tree.map(lambda a: a[i], params["blocks"])
-    return out
+from unimedi_jax.models import vit
 
 
 def _linear(p: dict, name: str) -> dict[str, np.ndarray]:
@@ -39,7 +30,7 @@ def _conv(p: dict, name: str) -> dict[str, np.ndarray]:
 
 def timm_state_dict(params: dict, depth: int) -> dict[str, np.ndarray]:
     """ViT params (see models/vit.py) -> {timm name: float32 array}, 2D path and 3D tokenizer."""
-    p = unstack_blocks(params, depth)
+    p = vit.unstack_blocks(params)
     width = np.asarray(p["cls_token"]).shape[-1]
     modality = np.asarray(p["modality_embed"]) if "modality_embed" in p else np.zeros((2, width))
     pos_2d = np.asarray(p["pos_embed_2d"]) + modality[0]

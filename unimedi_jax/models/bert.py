@@ -11,7 +11,11 @@ Flax parameter tree (params float32; compute in `BertConfig.dtype`):
     layer_{i}/{query,key,value,attention_out,attention_norm,intermediate,output,output_norm}
     pooler (only with `add_pooling_layer`)
 
-`_param_table` maps every entry to its Hugging Face name, in both directions.
+With `BertConfig.scan` the layers but the last run under `nn.scan`, their params stacked along a
+leading axis: `layers_{start}_{stop}/...` (n, ...) holds layers start..stop-1 (`scan_ranges`), and
+the last layer stays `layer_{L-1}` (it may run at [CLS] alone). `stack_layers` and
+`unstack_layers` convert between the layouts; `_param_table` maps every unstacked entry to its
+Hugging Face name, in both directions.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import functools
 import importlib.resources
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -63,6 +68,8 @@ REQUIRED_KEYS = (
 )
 # config.json keys read when present (defaults below).
 OPTIONAL_KEYS = ("initializer_range",)
+LAYER_PREFIX = "layer_"  # one layer: layer_{i}
+STACK_PATTERN = re.compile(r"layers_(\d+)_(\d+)")  # scanned layers start..stop-1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +91,11 @@ class BertConfig:
     initializer_range: float = 0.02  # std of the normal init of dense and embedding weights
     add_pooling_layer: bool = False  # tanh(dense(CLS)) head; unused by the CLIP objective
     remat: bool = False  # recompute each layer in the backward pass (saves activation memory)
+    # nn.scan over the layers but the last (compiles one layer body instead of L). scan_split > 0
+    # scans layers [0, scan_split) and [scan_split, L-1) as two stacks, so that frozen and
+    # trained layers (`model.text.trainable_layers`) never share a parameter leaf.
+    scan: bool = False
+    scan_split: int = 0
     dtype: Any = jnp.float32  # compute dtype; params stay float32
 
     def __post_init__(self):
@@ -95,6 +107,9 @@ class BertConfig:
             )
         if self.num_hidden_layers < 1:
             raise ValueError(f"num_hidden_layers={self.num_hidden_layers} must be at least 1")
+        if not 0 <= self.scan_split < max(self.num_hidden_layers - 1, 1):
+            raise ValueError(f"scan_split={self.scan_split} is outside "
+                             f"0..{max(self.num_hidden_layers - 2, 0)} (the scanned layers)")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides) -> BertConfig:
@@ -186,7 +201,63 @@ class BertLayer(nn.Module):
         attn = layers.dot_product_attention(q, k, v, mask=mask).reshape(x_q.shape)
         x = _layer_norm(cfg, "attention_norm")(x_q + _dense(cfg, d, "attention_out")(attn))
         h = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(x))
-        return _layer_norm(cfg, "output_norm")(x + _dense(cfg, d, "output")(h))
+        return _split_by_sample(_layer_norm(cfg, "output_norm")(x + _dense(cfg, d, "output")(h)))
+
+
+class _ScanStep(BertLayer):
+    """BertLayer with the (carry, x) -> (carry, y) signature of `nn.scan`: (x, mask) -> (x, None)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+        return super().__call__(x, mask), None
+
+
+def scan_ranges(num_layers: int, scan_split: int = 0) -> list[tuple[int, int]]:
+    """The (start, stop) layer ranges a scanned `BertModel` stacks: [0, L-1), or [0, scan_split)
+    and [scan_split, L-1); the last layer is never stacked."""
+    last = num_layers - 1
+    bounds = [0, scan_split, last] if scan_split else [0, last]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _config_ranges(config: BertConfig) -> list[tuple[int, int]]:
+    return scan_ranges(config.num_hidden_layers, config.scan_split) if config.scan else []
+
+
+def layer_ranges(params: Mapping) -> dict[str, tuple[int, int]]:
+    """{key: (start, stop)} of the layer entries of text params, stacked (`layers_{a}_{b}`) or
+    not (`layer_{i}`: (i, i + 1)), in layer order."""
+    out = {}
+    for key in params:
+        if key.startswith(LAYER_PREFIX):
+            i = int(key[len(LAYER_PREFIX):])
+            out[key] = (i, i + 1)
+        elif match := STACK_PATTERN.fullmatch(key):
+            out[key] = (int(match[1]), int(match[2]))
+    return dict(sorted(out.items(), key=lambda item: item[1]))
+
+
+def stack_layers(params: Mapping, ranges: Sequence[tuple[int, int]]) -> dict:
+    """Text params (stacked or not) -> layers start..stop-1 of each (start, stop) of `ranges`
+    stacked along a new leading axis under `layers_{start}_{stop}`, the others `layer_{i}`."""
+    out = dict(unstack_layers(params))
+    for start, stop in ranges:
+        layers_ = [out.pop(f"{LAYER_PREFIX}{i}") for i in range(start, stop)]
+        out[f"layers_{start}_{stop}"] = jax.tree.map(lambda *xs: np.stack(xs), *layers_)
+    return out
+
+
+def unstack_layers(params: Mapping) -> dict:
+    """Params with stacked layers (`layers_{a}_{b}`, leading axis b - a) -> layer_{i} only."""
+    out = {}
+    for key, value in params.items():
+        match = STACK_PATTERN.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        for n, i in enumerate(range(int(match[1]), int(match[2]))):
+            out[f"{LAYER_PREFIX}{i}"] = jax.tree.map(lambda a, n=n: a[n], value)
+    return out
 
 
 class BertModel(nn.Module):
@@ -197,7 +268,8 @@ class BertModel(nn.Module):
     and, with `config.add_pooling_layer`, "pooler_output" (B, D). Outputs at padded positions
     are computed but meaningless; padded keys never influence the other positions.
     `cls_only` computes the last layer at the [CLS] position alone (the same "cls", about a
-    sixth of the encoder's work less) and returns no "last_hidden_state".
+    sixth of the encoder's work less) and returns no "last_hidden_state". With `config.scan`
+    the layers of each `scan_ranges` stack run as one `nn.scan` (params `layers_{a}_{b}`).
     """
 
     config: BertConfig
@@ -215,10 +287,17 @@ class BertModel(nn.Module):
         x = _split_by_sample(BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids))
         mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
         layer_cls = nn.remat(BertLayer) if cfg.remat else BertLayer
+        step_cls = nn.remat(_ScanStep, prevent_cse=False) if cfg.remat else _ScanStep
         last = cfg.num_hidden_layers - 1
-        for i in range(cfg.num_hidden_layers):
-            layer = layer_cls(cfg, 1 if cls_only and i == last else None, name=f"layer_{i}")
-            x = _split_by_sample(layer(x, mask))
+        first = 0
+        for start, stop in _config_ranges(cfg):
+            scanned = nn.scan(step_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=nn.broadcast, length=stop - start)
+            x, _ = scanned(cfg, name=f"layers_{start}_{stop}")(x, mask)
+            first = stop
+        for i in range(first, cfg.num_hidden_layers):
+            layer = layer_cls(cfg, 1 if cls_only and i == last else None, name=f"{LAYER_PREFIX}{i}")
+            x = layer(x, mask)
         out = {"cls": x[:, 0]} if cls_only else {"last_hidden_state": x, "cls": x[:, 0]}
         if cfg.add_pooling_layer:
             out["pooler_output"] = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler")(x[:, 0]))
@@ -279,10 +358,12 @@ def params_from_hf(state: Mapping[str, np.ndarray], config: BertConfig, source: 
 
     Accepts `BertModel` names with or without the `bert.` prefix; other keys (heads, buffers,
     layers past `config.num_hidden_layers`) are ignored. `source` names the file in errors.
+    With `config.scan` the per-layer weights are stacked (`stack_layers`).
     """
     state = _normalize_hf_keys(state)
     dummy = jnp.zeros((1, 1), jnp.int32)
-    shapes = traverse_util.flatten_dict(jax.eval_shape(BertModel(config).init, jax.random.key(0), dummy, dummy)["params"])
+    unscanned = BertModel(dataclasses.replace(config, scan=False, scan_split=0))
+    shapes = traverse_util.flatten_dict(jax.eval_shape(unscanned.init, jax.random.key(0), dummy, dummy)["params"])
     flat = {}
     for path, key, transposed in _param_table(config):
         if key not in state:
@@ -292,12 +373,13 @@ def params_from_hf(state: Mapping[str, np.ndarray], config: BertConfig, source: 
         if value.shape != shapes[path].shape:
             raise ValueError(f"{source}: weight {key!r} has shape {value.shape}, config expects {shapes[path].shape}")
         flat[path] = value
-    return traverse_util.unflatten_dict(flat)
+    return stack_layers(traverse_util.unflatten_dict(flat), _config_ranges(config))
 
 
 def to_hf_state_dict(params: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
-    """Flax params -> Hugging Face `BertModel` state dict (no prefix), float32 contiguous numpy."""
-    flat = traverse_util.flatten_dict(params)
+    """Flax params (stacked or not) -> Hugging Face `BertModel` state dict (no prefix), float32
+    contiguous numpy."""
+    flat = traverse_util.flatten_dict(unstack_layers(params))
     out = {}
     for path, key, transposed in _param_table(config):
         if path not in flat:
@@ -329,10 +411,13 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     add_pooling_layer: bool = False,
     remat: bool = False,
+    scan: bool = False,
+    scan_split: int = 0,
 ) -> tuple[BertModel, dict]:
     """Loads a local Hugging Face BERT checkpoint folder as (model, params).
 
-    `num_layers` keeps the first n layers (all when None); `dtype` is the compute dtype.
+    `num_layers` keeps the first n layers (all when None); `dtype` is the compute dtype;
+    `scan`, `scan_split` as `BertConfig` (the params come stacked accordingly).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -340,7 +425,8 @@ def from_pretrained(
             f"BERT checkpoint folder {folder} does not exist; expected a folder with {CONFIG_NAME} and "
             f"{SAFETENSORS_NAME} (or {TORCH_NAME})"
         )
-    config = BertConfig.from_json(folder / CONFIG_NAME, dtype=dtype, add_pooling_layer=add_pooling_layer, remat=remat)
+    config = BertConfig.from_json(folder / CONFIG_NAME, dtype=dtype, add_pooling_layer=add_pooling_layer, remat=remat,
+                                  scan=scan, scan_split=scan_split)
     if num_layers is not None:
         if not 1 <= num_layers <= config.num_hidden_layers:
             raise ValueError(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from unimedi_jax.models import bert
 from unimedi_jax.models import heads
+from unimedi_jax.models import layout
 from unimedi_jax.models import vit as vit_lib
 
 Array = jax.Array
@@ -33,7 +34,11 @@ def teacher_params(params: dict) -> dict:
 
 
 def _text_config(cfg) -> tuple[str, bert.BertConfig]:
-    """(checkpoint folder, BertConfig) of `config.model.text`, without reading the weights."""
+    """(checkpoint folder, BertConfig) of `config.model.text`, without reading the weights.
+
+    `scan` (configs saved before the key: off) scans the layers but the last in two stacks,
+    split where `trainable_layers` starts (`layout.text_scan_split`), so that frozen and
+    trained layers never share a leaf."""
     folder = str(Path(cfg.checkpoint).expanduser()) if cfg.checkpoint else bert.default_checkpoint()
     dtype = jnp.dtype(cfg.get("dtype", "float32"))  # configs saved before the key: float32
     text = bert.BertConfig.from_json(Path(folder) / bert.CONFIG_NAME, dtype=dtype)
@@ -42,6 +47,9 @@ def _text_config(cfg) -> tuple[str, bert.BertConfig]:
             raise ValueError(f"model.text.num_layers={cfg.num_layers} is outside "
                              f"1..{text.num_hidden_layers} (the layers of {folder})")
         text = dataclasses.replace(text, num_hidden_layers=cfg.num_layers)
+    if cfg.get("scan", False):
+        split = layout.text_scan_split(text.num_hidden_layers, cfg.trainable_layers)
+        text = dataclasses.replace(text, scan=True, scan_split=split)
     return folder, text
 
 
@@ -98,8 +106,10 @@ class UniMedI:
 
     def load_text_params(self) -> dict:
         """The text encoder's weights from the checkpoint folder."""
+        c = self.text.config
         model, text_params = bert.from_pretrained(
-            self.text_checkpoint, self.text.config.num_hidden_layers, dtype=self.text.config.dtype)
+            self.text_checkpoint, c.num_hidden_layers, dtype=c.dtype, scan=c.scan,
+            scan_split=c.scan_split)
         if model.config != self.text.config:
             raise ValueError(f"{self.text_checkpoint} loads as {model.config}, expected "
                              f"{self.text.config}")

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unimedi_jax.models import layers
 
@@ -252,6 +253,28 @@ class ViT(nn.Module):
         out.update(tokens=x[:, 1:], cls_attn=cls_attn.mean(axis=0), cls_attn_layers=cls_attn,
                    layers=[norm(y) for y in layers])
         return x[:, 0], out
+
+
+def stack_blocks(params: dict) -> dict:
+    """ViT params with blocks_0..blocks_{L-1} -> the scan layout: "blocks" (L, ...) stacked."""
+    depth = sum(k.startswith("blocks_") for k in params)
+    if not depth:
+        return dict(params)
+    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs),
+                                 *[params[f"blocks_{i}"] for i in range(depth)])
+    return out
+
+
+def unstack_blocks(params: dict) -> dict:
+    """ViT params with stacked "blocks" (leading depth axis) -> blocks_0..blocks_{L-1}."""
+    if "blocks" not in params:
+        return dict(params)
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    depth = jax.tree.leaves(params["blocks"])[0].shape[0]
+    for i in range(depth):
+        out[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+    return out
 
 
 def from_config(cfg) -> ViT:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unimedi_jax.models import bert, layout
 from unimedi_jax.objective import schedules
 
 PyTree = Any
@@ -19,17 +20,23 @@ PyTree = Any
 # and embedding tables ("embedding", BERT). As DeiT/timm and Hugging Face BERT fine-tuning.
 NO_DECAY_NAMES = frozenset(
     {"pos_embed_2d", "pos_embed_3d", "cls_token", "mask_token", "modality_embed", "embedding"})
-TEXT_LAYER_PREFIX = "layer_"  # bert.BertModel names its layers layer_0 .. layer_{L-1}
 
 
-def _name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
+def _key(entry) -> str:
+    return str(getattr(entry, "key", entry))
+
+
+def _layer_ndim(path, x) -> int:
+    """The rank of one layer's parameter: a leaf under a stack of scanned layers
+    (`layout.is_stacked`) less its leading layer axis."""
+    return x.ndim - any(layout.is_stacked(_key(k)) for k in path[:-1])
 
 
 def decay_mask(params: PyTree) -> PyTree:
-    """True at the leaves that take weight decay (same structure as params)."""
+    """True at the leaves that take weight decay (same structure as params; a stacked leaf as
+    each of its layers)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim > 1 and _name(path) not in NO_DECAY_NAMES, params)
+        lambda path, x: _layer_ndim(path, x) > 1 and _key(path[-1]) not in NO_DECAY_NAMES, params)
 
 
 def trainable_mask(params: PyTree, config) -> PyTree:
@@ -38,7 +45,9 @@ def trainable_mask(params: PyTree, config) -> PyTree:
     Text encoder (`params["text"]`): `model.text.trainable_layers` = n >= 0 trains its last n
     layers (embeddings frozen); -1 trains all of it. The logit scale trains when
     `objective.clip.learnable`. Every other leaf trains (all of them for a params dict without
-    "text", a method without language).
+    "text", a method without language). Scanned text layers (`layers_{a}_{b}`) train as their
+    layers do; a stack holding frozen and trained layers is a ValueError (`UniMedI.from_config`
+    splits the stacks where training starts).
     """
     mask = {k: jax.tree.map(lambda _: True, v) for k, v in params.items()}
     if "logit_scale" in params:
@@ -46,7 +55,8 @@ def trainable_mask(params: PyTree, config) -> PyTree:
     if "text" not in params:  # a method without language (docs/DESIGN.md §4.8-4.9)
         return mask
     n = config.model.text.trainable_layers
-    num_layers = sum(k.startswith(TEXT_LAYER_PREFIX) for k in params["text"])
+    ranges = bert.layer_ranges(params["text"])
+    num_layers = sum(stop - start for start, stop in ranges.values())
     if not -1 <= n <= num_layers:
         raise ValueError(f"model.text.trainable_layers={n} must be -1 (all) or in "
                          f"0..{num_layers} (text layers)")
@@ -55,8 +65,16 @@ def trainable_mask(params: PyTree, config) -> PyTree:
     def text_trains(key: str) -> bool:
         if n == -1:
             return True
-        return (key.startswith(TEXT_LAYER_PREFIX)
-                and int(key[len(TEXT_LAYER_PREFIX):]) >= first_trained)
+        if key not in ranges:
+            return False
+        start, stop = ranges[key]
+        if start < first_trained < stop:
+            raise ValueError(
+                f"model.text.trainable_layers={n} trains text layers {first_trained}.."
+                f"{num_layers - 1}, but the scanned stack {key!r} (config.model.text.scan) holds "
+                f"layers {start}..{stop - 1}, frozen and trained ones: build the text encoder "
+                "with `UniMedI.from_config` of this config, which splits the stacks there")
+        return start >= first_trained
 
     mask["text"] = {k: jax.tree.map(lambda _: text_trains(k), v) for k, v in params["text"].items()}
     return mask
@@ -82,16 +100,21 @@ def frozen_paths(params: PyTree, config) -> list[tuple[str, ...]]:
 
 
 def clip_per_parameter(max_norm: float) -> optax.GradientTransformation:
-    """Scales each leaf's gradient to norm <= max_norm on its own (DINO's `clip_gradients`).
+    """Scales each leaf's gradient to norm <= max_norm on its own (DINO's `clip_gradients`);
+    a leaf of stacked layers (`layout.is_stacked`) layer by layer, as unscanned.
 
     Unlike a global-norm clip, a large gradient in one leaf (the DINO head's early on) does not
     shrink the gradients of all the others.
     """
-    def scale(g):
-        norm = optax.tree.norm(g)
+    def scale(path, g):
+        if g.ndim > _layer_ndim(path, g):  # one norm per layer
+            norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True))
+        else:
+            norm = optax.tree.norm(g)
         return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
 
-    return optax.stateless(lambda updates, params=None: jax.tree.map(scale, updates))
+    return optax.stateless(
+        lambda updates, params=None: jax.tree_util.tree_map_with_path(scale, updates))
 
 
 def adamw_chain(config) -> optax.GradientTransformation:

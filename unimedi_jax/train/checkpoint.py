@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from unimedi_jax import files
+from unimedi_jax.models import layout
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -307,10 +308,14 @@ def load_pretrained(workdir: str, step: int | None = None, which: str = "params"
     params = {"vision", "text", "img_proj", "txt_proj", "dino_head", "logit_scale"} as numpy
     arrays (the teacher has "vision" and "dino_head" only). `step` None: the newest checkpoint
     that restores (a warning names the damaged ones skipped); a damaged `step` raises
-    CheckpointRestoreError.
+    CheckpointRestoreError. A run trained with scanned layers comes back unscanned, its config
+    with model.vit.scan and model.text.scan off (`models.layout.convert`): the layout every
+    consumer (downstream tasks, inference, export) reads.
     """
     config = load_config(workdir)
     state = Checkpointer(workdir, max_to_keep=None, asynchronous=False).restore_host(step)
     if which not in state:
         raise KeyError(f"checkpoint in {workdir} has no {which!r}; it has {sorted(state)}")
-    return config, state[which]
+    if "model" not in config:  # not a pretraining run: nothing to convert
+        return config, state[which]
+    return layout.convert(config, state[which], scan=False)
