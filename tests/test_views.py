@@ -16,6 +16,11 @@ def cfg(**kw):
     return ml_collections.ConfigDict({**base, **kw})
 
 
+def aug(fn, key, x, c):
+    """`fn` (views.augment_2d or _3d) with config c, jitted: one compile, not one per op."""
+    return jax.jit(lambda k, x: fn(k, x, c), compiler_options=FAST)(key, x)
+
+
 def data(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
@@ -25,8 +30,8 @@ DEFAULT = cfg(crop_scale=(0.5, 1.0), flip=0.5, intensity=(0.2, 0.2), noise_std=0
 
 def test_shapes_and_dtype():
     x2, x3 = data((3, 16, 16)), data((2, 8, 16, 16))
-    y2 = views.augment_2d(jax.random.key(0), x2, DEFAULT)
-    y3 = views.augment_3d(jax.random.key(0), x3, DEFAULT)
+    y2 = aug(views.augment_2d, jax.random.key(0), x2, DEFAULT)
+    y3 = aug(views.augment_3d, jax.random.key(0), x3, DEFAULT)
     assert y2.shape == x2.shape and y2.dtype == jnp.float32
     assert y3.shape == x3.shape and y3.dtype == jnp.float32
     with pytest.raises(ValueError):
@@ -36,20 +41,20 @@ def test_shapes_and_dtype():
 @pytest.mark.parametrize("crop_depth", [True, False])
 def test_neutral_config_is_the_identity(crop_depth):
     x2, x3 = data((3, 16, 16)), data((2, 8, 16, 16))
-    np.testing.assert_allclose(views.augment_2d(jax.random.key(1), x2, cfg()), x2, atol=1e-6)
+    np.testing.assert_allclose(aug(views.augment_2d, jax.random.key(1), x2, cfg()), x2, atol=1e-6)
     c = cfg(crop_depth=crop_depth)
-    np.testing.assert_allclose(views.augment_3d(jax.random.key(1), x3, c), x3, atol=1e-6)
+    np.testing.assert_allclose(aug(views.augment_3d, jax.random.key(1), x3, c), x3, atol=1e-6)
 
 
 def test_flip_along_w_is_exact():
     x2, x3 = data((3, 16, 12)), data((2, 4, 6, 10))
-    np.testing.assert_array_equal(views.augment_2d(jax.random.key(2), x2, cfg(flip=1.0)),
+    np.testing.assert_array_equal(aug(views.augment_2d, jax.random.key(2), x2, cfg(flip=1.0)),
                                   x2[..., ::-1])
-    np.testing.assert_array_equal(views.augment_3d(jax.random.key(2), x3, cfg(flip=1.0)),
+    np.testing.assert_array_equal(aug(views.augment_3d, jax.random.key(2), x3, cfg(flip=1.0)),
                                   x3[..., ::-1])
     # p = 0.5: each sample is either itself or its mirror, and both occur over 32 samples.
     x = data((32, 8, 8))
-    y = np.asarray(views.augment_2d(jax.random.key(3), x, cfg(flip=0.5)))
+    y = np.asarray(aug(views.augment_2d, jax.random.key(3), x, cfg(flip=0.5)))
     same = np.all(y == x, axis=(1, 2))
     mirrored = np.all(y == x[..., ::-1], axis=(1, 2))
     assert np.all(same | mirrored) and same.any() and mirrored.any()
@@ -57,12 +62,12 @@ def test_flip_along_w_is_exact():
 
 def test_intensity_is_an_affine_map_per_sample():
     x = data((8, 8, 8))
-    y = np.asarray(views.augment_2d(jax.random.key(4), x, cfg(intensity=(0.2, 0.0))))
+    y = np.asarray(aug(views.augment_2d, jax.random.key(4), x, cfg(intensity=(0.2, 0.0))))
     ratio = y / x
     np.testing.assert_allclose(ratio, ratio[:, :1, :1] * np.ones_like(ratio), rtol=1e-5)
     assert np.all((ratio[:, 0, 0] >= 0.8) & (ratio[:, 0, 0] <= 1.2))
     assert np.ptp(ratio[:, 0, 0]) > 0.01  # samples differ
-    y = np.asarray(views.augment_2d(jax.random.key(4), x, cfg(intensity=(0.0, 0.3))))
+    y = np.asarray(aug(views.augment_2d, jax.random.key(4), x, cfg(intensity=(0.0, 0.3))))
     shift = (y - x).reshape(8, -1)
     np.testing.assert_allclose(shift, shift[:, :1] * np.ones_like(shift), atol=1e-5)
     assert np.all(np.abs(shift[:, 0]) <= 0.3)
@@ -70,7 +75,7 @@ def test_intensity_is_an_affine_map_per_sample():
 
 def test_noise_has_the_configured_scale():
     x = np.zeros((4, 32, 32), np.float32)
-    y = np.asarray(views.augment_2d(jax.random.key(5), x, cfg(noise_std=0.1)))
+    y = np.asarray(aug(views.augment_2d, jax.random.key(5), x, cfg(noise_std=0.1)))
     assert 0.09 < y.std() < 0.11
 
 
@@ -97,9 +102,9 @@ def test_crop_depth_false_keeps_every_slice_depth():
     depth_values = np.arange(8, dtype=np.float32)
     x = np.broadcast_to(depth_values[None, :, None, None], (2, 8, 16, 16)).copy()
     c = cfg(crop_scale=(0.3, 0.5), crop_depth=False)
-    np.testing.assert_allclose(views.augment_3d(jax.random.key(6), x, c), x, atol=1e-5)
+    np.testing.assert_allclose(aug(views.augment_3d, jax.random.key(6), x, c), x, atol=1e-5)
     c = cfg(crop_scale=(0.3, 0.5), crop_depth=True)
-    assert not np.allclose(views.augment_3d(jax.random.key(6), x, c), x, atol=1e-3)
+    assert not np.allclose(aug(views.augment_3d, jax.random.key(6), x, c), x, atol=1e-3)
 
 
 def test_keys_give_different_views_and_the_same_key_the_same():
