@@ -98,9 +98,13 @@ def test_finetune_3d(tmp_path, pretrained):
     assert m["num_train"] == 24 and 1 <= m["epochs_run"] <= 2 and 0 <= m["auroc_macro"] <= 1
 
 
-@pytest.mark.parametrize("name", ["seg_2d", "seg_3d"])
-def test_segmentation(tmp_path, pretrained, name):
+@pytest.mark.parametrize("name,per_class", [("seg_2d", False), ("seg_3d", False),
+                                            ("seg_3d", True)])
+def test_segmentation(tmp_path, pretrained, name, per_class):
     config = tiny(name, init_from=pretrained)
+    if per_class:  # one class per finding, Dice + CE (BCV: per organ)
+        config.data.seg_binary = False
+        config.loss = "dice_ce"
     config.fractions = (1.0,)
     config.optim.steps_per_epoch = 0
     if name == "seg_3d":
@@ -109,8 +113,8 @@ def test_segmentation(tmp_path, pretrained, name):
         config.data.max_examples = dict(train=4, validation=2, test=4)
     out = run_task(config, tmp_path)
     m = out["metrics"]["1"]
-    classes = ["foreground"] if name == "seg_2d" else ["nodule", "consolidation",
-                                                       "ground_glass", "effusion", "cardiomegaly"]
+    classes = (["nodule", "consolidation", "ground_glass", "effusion", "cardiomegaly"]
+               if per_class else ["foreground"])  # defaults: the findings as one foreground
     assert list(m["dice_per_class"]) == classes
     defined = [v for v in m["dice_per_class"].values() if v is not None]
     assert m["dice"] == pytest.approx(np.mean(defined)) and 0 <= m["dice"] <= 1
