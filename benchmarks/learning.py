@@ -88,6 +88,7 @@ from configs import linear_probe_2d, linear_probe_3d, pretrain_drasclr, pretrain
 from unimedi_jax import files
 from unimedi_jax.data import pipeline
 from unimedi_jax.eval import features, linear_probe, losses, metrics, pretrain_eval, tasks
+from unimedi_jax.models import layout
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.objective import methods, optim
 from unimedi_jax.train import checkpoint
@@ -291,8 +292,9 @@ def train_supervised(cfg, data, workdir: str, params: dict) -> dict:
         state["params"]["vision"]))}
 
 
-def pretrain(cfg, workdir: str) -> dict:
-    """Pretrains one arm (resuming from its checkpoint) and returns the final student params."""
+def pretrain(cfg, workdir: str) -> tuple:
+    """Pretrains one arm (resuming from its checkpoint); returns (cfg, final student params) in
+    the unscanned layout `checkpoint.load_pretrained` reads, cfg saying so (`layout.convert`)."""
     trainer.train_and_evaluate(cfg, workdir)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=None, asynchronous=False)
     step = ckpt.latest_step()
@@ -300,7 +302,8 @@ def pretrain(cfg, workdir: str) -> dict:
     if step != cfg.total_steps:
         raise RuntimeError(f"{workdir}: training stopped at step {step} of "
                            f"config.total_steps={cfg.total_steps}; rerun to resume")
-    return checkpoint.load_pretrained(workdir, step)[1]
+    _, params = checkpoint.load_pretrained(workdir, step)
+    return layout.convert(cfg, params, scan=False)
 
 
 # ---------------------------------------------------------------- measurements
@@ -385,7 +388,7 @@ def run_arm(config, arm: str, seed: int, probing: Probing, workdir: str,
     data = pipeline.make_pretrain_data(cfg, UniMedI.from_config(cfg).text_checkpoint)
     start = time.perf_counter()
     if arm in OBJECTIVES or arm in METHOD_ARMS:
-        params = pretrain(cfg, workdir)
+        cfg, params = pretrain(cfg, workdir)
     else:
         params = initial_params(cfg)
         if arm == "supervised":

@@ -95,7 +95,11 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
 def put_global(batch: Any, mesh: Mesh) -> Any:
     """A global numpy batch that every process holds whole (an evaluation batch) -> global
     arrays split over the batch axes; each process places the rows of its own devices."""
-    sharding = batch_sharding(mesh)
+    sharding, size = batch_sharding(mesh), data_parallel_size(mesh)
+    rows = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if any(n % size for n in rows):
+        raise ValueError(f"A batch of {sorted(rows)} rows does not split over the {size} devices "
+                         f"of the mesh's batch axes {BATCH_AXES}: use a multiple of {size}")
     return jax.tree.map(
         lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index]),
         batch)
