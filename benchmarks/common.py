@@ -276,6 +276,27 @@ def hlo_collective_bytes(hlo_text: str, num_devices: int) -> dict:
     return totals
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def hlo_nested_collectives(hlo_text: str) -> list[str]:
+    """Names of the collectives that sit outside the module's ENTRY computation (in a
+    conditional's branch, a loop body, a called computation). XLA:CPU executables read back from
+    the persistent compilation cache lose the order between those and the main sequence's
+    collectives, and simulated devices can then deadlock
+    (`train.sharding.compile_cpu_collectives_afresh`)."""
+    nested, in_entry = [], False
+    for line in hlo_text.splitlines():
+        if line[:1] not in ("", " ", "}"):  # a computation's header
+            in_entry = line.startswith("ENTRY")
+        match = _INSTRUCTION.match(line)
+        if match and not in_entry:
+            opcode = _split_type(match.group(2))[1].partition("(")[0].strip()
+            if opcode.removesuffix("-start") in COLLECTIVES:
+                nested.append(match.group(1))
+    return nested
+
+
 # ---------------------------------------------------------------- analytic FLOP count
 
 def _dense(tokens: float, fan_in: int, fan_out: int) -> float:

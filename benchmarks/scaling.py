@@ -96,6 +96,7 @@ def worker(num_devices: int, mode: str, preset: str, steps: int) -> dict:
     if len(jax.devices()) != num_devices:
         raise RuntimeError(f"expected {num_devices} devices, jax sees {len(jax.devices())} "
                            "(XLA_FLAGS must be set before jax starts)")
+    shd.compile_cpu_collectives_afresh()
     config, random_text = common.preset_config(preset)
     config.mesh = MODES[mode](num_devices)
     jax_step = JaxStep(config, random_text)
@@ -105,11 +106,13 @@ def worker(num_devices: int, mode: str, preset: str, steps: int) -> dict:
     for _ in range(2):  # warm-up
         jax_step.step(batch)
     times, _ = common.time_calls(lambda: jax_step.step(batch), steps)
-    collectives = common.hlo_collective_bytes(jax_step.compiled.as_text(), num_devices)
+    hlo = jax_step.compiled.as_text()
+    collectives = common.hlo_collective_bytes(hlo, num_devices)
     predicted = comm_bytes(jax.device_get(jax_step.state["params"]), config, num_devices, mode)
     return {"devices": num_devices, "mode": mode, "compile_s": compile_s,
             "step_s": float(np.median(times)), "hlo_comm_bytes": collectives,
             "hlo_comm_total": sum(collectives.values()), "analytic_comm_bytes": predicted,
+            "nested_collectives": common.hlo_nested_collectives(hlo),
             "load": os.getloadavg()[0]}
 
 

@@ -96,6 +96,7 @@ def test_scaling_all_reduces_at_least_the_gradients(results):
     r = results["scaling"]
     (run,) = r["runs"]
     _positive(run, ["step_s", "compile_s", "hlo_comm_total"])
+    assert run["nested_collectives"] == []  # all in program order, cached or compiled afresh
     assert run["hlo_comm_bytes"]["all-reduce"] >= run["analytic_comm_bytes"]["all-reduce"] > 0
     assert {(p["devices"], p["mode"]) for p in r["paper"]} == {
         (8, "data"), (8, "fsdp"), (64, "data"), (64, "fsdp")}
@@ -160,6 +161,17 @@ def test_hlo_collective_bytes_of_a_sum_and_a_gather():
     ring = 3 / 4
     assert common.hlo_collective_bytes(summed, 4)["all-reduce"] == 2 * ring * 4 * 1000
     assert common.hlo_collective_bytes(gathered, 4)["all-gather"] == ring * 4 * 8 * 1000
+
+
+def test_hlo_nested_collectives_finds_a_sum_inside_a_conditional():
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("d",))
+    x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("d")))
+    nested = jax.jit(lambda p, a: jax.lax.cond(p, lambda: a.sum(), lambda: 0.0))
+    flat = jax.jit(lambda p, a: jnp.where(p, a.sum(), 0.0))
+    assert common.hlo_nested_collectives(nested.lower(True, x).compile().as_text()) == [
+        "all-reduce"]
+    flat_hlo = flat.lower(True, x).compile().as_text()
+    assert "all-reduce" in flat_hlo and common.hlo_nested_collectives(flat_hlo) == []
 
 
 def test_retrieval_bounds_of_planted_label_sets():

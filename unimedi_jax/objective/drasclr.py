@@ -41,8 +41,10 @@ NAME = "drasclr"  # config.method, and the key of the method's params
 def info_nce(query: Array, keys: Array, temperature: float) -> Array:
     """Mean over rows of -log softmax_j(query_i . keys_j / T)_i: query, keys (N, C) (row i of
     keys is query i's positive, the other rows its negatives). Float32."""
-    logits = jnp.asarray(query, jnp.float32) @ jnp.asarray(keys, jnp.float32).T / temperature
-    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits))
+    query, keys = jnp.asarray(query, jnp.float32), jnp.asarray(keys, jnp.float32)
+    logits = query @ keys.T / temperature
+    positives = jnp.sum(query * keys, axis=-1) / temperature  # the diagonal (see clip_loss)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - positives)
 
 
 def top1(query: Array, keys: Array) -> Array:

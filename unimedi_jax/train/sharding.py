@@ -122,10 +122,13 @@ def compile_cpu_collectives_afresh():
     one device, simulated or in other processes); call before anything is compiled.
 
     An XLA:CPU executable loaded from that cache loses the ordering between the collectives
-    inside a nested computation (e.g. the all-gathers in the conditional that the gradient of
-    `jnp.diagonal` becomes) and the main sequence's collectives, so devices may start them in
-    different orders and deadlock (gloo across processes, the in-process rendezvous across
-    simulated devices). Compiled afresh, all collectives run in program order.
+    inside a nested computation (a conditional's branch, a scanned layer's loop body) and the
+    main sequence's collectives, so devices may start them in different orders and deadlock
+    (gloo across processes, the in-process rendezvous across simulated devices). Compiled
+    afresh, all collectives run in program order. The default train step keeps every collective
+    in its main sequence (`benchmarks.common.hlo_nested_collectives` checks), so a cached copy
+    of it is safe as well; this guards the rest. The cache decides once per process whether it
+    is used, so this must run before the first compilation.
     """
     if (jax.default_backend() == "cpu" and jax.device_count() > 1
             and jax.config.jax_enable_compilation_cache):
