@@ -125,9 +125,10 @@ def compile_cpu_collectives_afresh():
     inside a nested computation (a conditional's branch, a scanned layer's loop body) and the
     main sequence's collectives, so devices may start them in different orders and deadlock
     (gloo across processes, the in-process rendezvous across simulated devices). Compiled
-    afresh, all collectives run in program order. The default train step keeps every collective
-    in its main sequence (`benchmarks.common.hlo_nested_collectives` checks), so a cached copy
-    of it is safe as well; this guards the rest. The cache decides once per process whether it
+    afresh, all collectives run in program order. The data-parallel train step keeps every
+    collective in its main sequence (the scaling benchmark's test checks this with
+    `benchmarks.common.hlo_nested_collectives`); scanned or FSDP-split steps may not, and
+    this guards them. The cache decides once per process whether it
     is used, so this must run before the first compilation.
     """
     if (jax.default_backend() == "cpu" and jax.device_count() > 1
