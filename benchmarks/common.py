@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -227,6 +228,50 @@ def hlo_instructions(hlo_text: str) -> list[tuple[str, str, str, list[str], str]
         out.append((match.group(1), type_str, opcode.strip(), re.findall(r"%([\w.\-]+)", operands),
                     attrs))
     return out
+
+
+# Parts of the train step named by the HLO op_name metadata (first match wins): the text
+# tower, the backward pass (transposed JVPs), the differentiated forward pass, the rest (the
+# teacher's passes, the losses' targets, the optimiser).
+PROFILE_PARTS = (("text", "BertModel"), ("backward", "transpose("), ("forward", "jvp("),
+                 ("no gradient", ""))
+
+
+def op_profile(run: Callable[[], Any], steps: int, hlo_text: str, top: int = 30) -> dict:
+    """Where the time of `steps` calls of `run` goes, per HLO instruction of `hlo_text` (the
+    compiled program `run` executes), from a `jax.profiler` trace.
+
+    Returns {"ms_per_step": the instructions' summed durations, "parts": {part: ms} by
+    PROFILE_PARTS, "top": [{"name", "ms", "type", "op_name"}] the `top` longest}. Each
+    duration is the instruction's own wall time; XLA:CPU runs independent instructions side by
+    side, so the sum can exceed the step time. Trace events not named after an instruction
+    (the executor, thread-pool waits) are left out.
+    """
+    info = {name: (type_str, (re.search(r'op_name="([^"]*)"', attrs) or [None, ""])[1])
+            for name, type_str, _, _, attrs in hlo_instructions(hlo_text)}
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(steps):
+                run()
+        trace = next(iter(sorted(Path(folder).rglob("*.xplane.pb"))), None)
+        if trace is None:
+            raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {folder}")
+        data = jax.profiler.ProfileData.from_file(str(trace))
+    ns: dict[str, float] = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in info:
+                    ns[event.name] = ns.get(event.name, 0.0) + event.duration_ns
+    ms = {name: t / 1e6 / steps for name, t in ns.items()}
+    parts = {part: 0.0 for part, _ in PROFILE_PARTS}
+    for name, t in ms.items():
+        op_name = info[name][1]
+        parts[next(part for part, key in PROFILE_PARTS if key in op_name)] += t
+    rows = sorted(ms.items(), key=lambda item: -item[1])[:top]
+    return {"ms_per_step": sum(ms.values()), "parts": parts,
+            "top": [{"name": n, "ms": t, "type": info[n][0], "op_name": info[n][1]}
+                    for n, t in rows]}
 
 
 def hlo_matmul_flops(hlo_text: str) -> float:

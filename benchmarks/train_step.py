@@ -1,6 +1,7 @@
 """Times the full UniMedI train step in JAX, and optionally the same step in PyTorch.
 
     python -m benchmarks.train_step --preset=cpu --compare-torch [--steps=1] [--rounds=15]
+        [--profile=30] [--breakdown]
 
 The JAX step is the trainer's: `jax.jit(train_step)` with the state's shardings over the
 config's mesh and the state donated. Both implementations start from the same weights
@@ -46,6 +47,7 @@ DEFAULT_STEPS = {"tiny": 2, "cpu": 1, "vits16": 1, "vitb16": 1}
 DEFAULT_ROUNDS = {"tiny": 1, "cpu": 15, "vits16": 4, "vitb16": 4}
 SEED = 0
 BREAKDOWN_REPEATS = 5
+PROFILE_STEPS = 3  # traced steps of --profile
 
 
 def _spread_cls_token(state: dict) -> dict:
@@ -206,6 +208,9 @@ def main(argv=None) -> dict:
                         help="with --compare-torch: PyTorch eager only")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one ViT block and its parts at the CT sequence length")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also trace 3 JAX steps and print the N longest HLO instructions "
+                             "and the time per part of the step (text, forward, backward, rest)")
     args = parser.parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.preset]
     rounds = args.rounds or DEFAULT_ROUNDS[args.preset]
@@ -284,6 +289,16 @@ def main(argv=None) -> dict:
               f"samples/s, {result[f'{label}_cpu_s']:.3f} CPU s/step{ratio}", flush=True)
     print(f"MFU {result['mfu']:.3f} of the measured {peak / 1e9:.1f} GFLOP/s matmul peak",
           flush=True)
+    if args.profile:
+        result["profile"] = common.op_profile(runners["jax"], PROFILE_STEPS, compiled.as_text(),
+                                              top=args.profile)
+        p = result["profile"]
+        print(f"JAX step per HLO instruction ({PROFILE_STEPS} traced steps): "
+              f"{p['ms_per_step']:.1f} ms summed; by part: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in p["parts"].items()), flush=True)
+        for row in p["top"]:
+            print(f"{row['ms']:8.2f} ms  {row['name']:<28} {row['type'][:36]:<36} "
+                  f"{row['op_name'][-80:]}", flush=True)
     if args.breakdown:
         tokens = 1 + common.token_counts(model, config)["ct"].full
         result["breakdown"] = block_breakdown(model.vit, config.data.batch_size_ct, tokens,

@@ -26,6 +26,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.loss = "focal_dice"               # paper appendix 7.2: alpha * FocalLoss + DiceLoss
     c.focal_alpha = 1.0                 # paper appendix 7.2: 10; at 10 the focal term holds every
                                         # pixel at background (docs/RESULTS.md, segmentation)
+    c.prior_prob = 0.0                  # focal_dice: classifier bias at this foreground prior
+                                        # (RetinaNet: 0.01); 0 = bias 0 (docs/RESULTS.md §8)
     c.train_encoder = False             # paper appendix 7.2: frozen encoder, decoder trains
     c.fractions = (0.01, 0.1, 1.0)      # paper: 1%, 10%, 100%
     c.data.seg_classes = ()             # label names segmented; () = all

@@ -26,7 +26,7 @@ from benchmarks import common, device_suite, retrieval_bound, selection_bound
 FAST_XLA = "--xla_backend_optimization_level=0"
 RUNS = {
     "train_step": ["benchmarks.train_step", "--preset=tiny", "--compare-torch",
-                   "--no-torch-compile", "--steps=2", "--rounds=1", "--breakdown"],
+                   "--no-torch-compile", "--steps=2", "--rounds=1", "--breakdown", "--profile=5"],
     "compile": ["benchmarks.compile_paper_config", "--preset=tiny", "--remat=both"],
     "scaling": ["benchmarks.scaling", "--preset=tiny", "--devices=2", "--modes=data",
                 "--steps=1"],
@@ -64,6 +64,17 @@ def test_train_step_reports_positive_numbers(results):
     assert r["torch_over_jax"] > 0
     for part in ("block", "attention core", "block (torch)", "attention core (torch)"):
         _positive(r["breakdown"][part], ["s", "gflops"])
+
+
+def test_profile_names_the_step_instructions(results):
+    """--profile: the traced instructions are the compiled step's, the parts add up to their
+    sum, and the tiny step's text tower and backward pass both take time."""
+    p = results["train_step"]["profile"]
+    assert 0 < len(p["top"]) <= 5
+    assert p["top"] == sorted(p["top"], key=lambda row: -row["ms"])
+    assert sum(p["parts"].values()) == pytest.approx(p["ms_per_step"], rel=1e-9)
+    assert p["parts"]["text"] > 0 and p["parts"]["backward"] > 0
+    assert all(row["ms"] > 0 and row["type"] for row in p["top"])
 
 
 def test_analytic_flops_match_the_compiled_hlo(results):

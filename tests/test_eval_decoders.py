@@ -168,3 +168,14 @@ def test_init_params_matches_flax_init():
             assert a.std() == pytest.approx(std, rel=0.05)
             assert b.std() == pytest.approx(std, rel=0.05)
             assert np.abs(a).max() <= 2 * std / decoders.TRUNCATED_STD + 1e-7
+
+
+def test_prior_logit():
+    """sigmoid(prior_logit(pi)) = pi, RetinaNet's -log((1 - pi) / pi); pi outside (0, 1) fails."""
+    for pi in (0.01, 0.3, 0.5, 0.9):
+        b = decoders.prior_logit(pi)
+        assert 1.0 / (1.0 + math.exp(-b)) == pytest.approx(pi, rel=1e-12)
+    assert decoders.prior_logit(0.01) == pytest.approx(-math.log(99.0), rel=1e-15)
+    for bad in (0.0, 1.0, -0.1, 2.0):
+        with pytest.raises(ValueError, match="must lie in"):
+            decoders.prior_logit(bad)

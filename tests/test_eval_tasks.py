@@ -338,6 +338,29 @@ def test_segmentation_learns_planted_mask():
     assert dice > 0.8, dice
 
 
+def test_segmentation_prior_sets_only_the_classifier_bias():
+    """init_decoder with a prior: the classifier bias starts at logit(pi), so the predicted
+    foreground probability is pi wherever the rest of the decoder outputs 0; every other
+    parameter is the prior-free draw."""
+    from unimedi_jax.eval import decoders, segmentation
+    from unimedi_jax.models import vit as vit_lib
+
+    sample = planted_squares(np.random.default_rng(0), 2, IMAGE, (6, 12), 4)
+    vit = vit_lib.ViT(width=16, depth=1, num_heads=2, mlp_dim=32, image_size=IMAGE)
+    decoder = decoders.UNETR(1, (16, 16), depth=1, feature_size=4)
+    plain = segmentation.init_decoder(vit, decoder, sample, "xray", 0)
+    prior = segmentation.init_decoder(vit, decoder, sample, "xray", 0, prior_prob=0.01)
+    bias = np.asarray(prior["classifier"]["bias"])
+    np.testing.assert_allclose(1.0 / (1.0 + np.exp(-bias.astype(np.float64))), 0.01, rtol=1e-6)
+    np.testing.assert_array_equal(plain["classifier"]["bias"], 0.0)
+    prior["classifier"]["bias"] = plain["classifier"]["bias"]
+    jax.tree.map(np.testing.assert_array_equal, prior, plain)
+    config = ml_collections.ConfigDict({"loss": "focal_dice", "prior_prob": 0.01})
+    assert segmentation._prior(config) == 0.01
+    config.loss = "dice_ce"  # softmax classes: no sigmoid prior
+    assert segmentation._prior(config) is None
+
+
 def test_built_phantom_runs_a_task(tmp_path, pretrained):
     """The non-procedural path: build_dataset writes the phantom to data_dir; the task reads it."""
     config = tiny("slice_selection", init_from=pretrained)

@@ -63,6 +63,15 @@ def init_params(decoder: nn.Module, seed: int, *args) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def prior_logit(prior_prob: float) -> float:
+    """log(pi / (1 - pi)): the bias at which a sigmoid output starts at probability pi, the
+    focal-loss prior of RetinaNet and FCOS (Lin et al. 2017 §4.1: pi = 0.01), so that the rare
+    foreground does not start at 0.5 against a background of thousands of elements."""
+    if not 0.0 < prior_prob < 1.0:
+        raise ValueError(f"prior probability {prior_prob!r} must lie in (0, 1)")
+    return -math.log((1.0 - prior_prob) / prior_prob)
+
+
 def num_stages(patch: Sequence[int]) -> int:
     """x2 stages that undo a patch: log2 of its largest side (sides must be powers of 2)."""
     for p in patch:

@@ -381,7 +381,7 @@ def make_model(config, vit, num_classes: int, image_size: Sequence[int]):
 
 def init_params(pyramid, head, vit, image_size, prior_prob: float, seed: int) -> dict:
     """{"pyramid", "head"} params (decoders.init_params), the class bias at the focal prior
-    -log((1 - pi) / pi) (FCOS, RetinaNet)."""
+    (`decoders.prior_logit`, FCOS, RetinaNet)."""
     grid = tuple(s // vit.patch_size for s in image_size)
     x = jnp.zeros((1, *grid, vit.width))
     levels = jax.eval_shape(lambda: pyramid.init_with_output(jax.random.key(0), x)[0])
@@ -389,8 +389,7 @@ def init_params(pyramid, head, vit, image_size, prior_prob: float, seed: int) ->
               "head": decoders.init_params(head, seed + 1, [
                   jnp.zeros(lv.shape, lv.dtype) for lv in levels])}
     bias = params["head"]["cls_logits"]["bias"]
-    params["head"]["cls_logits"]["bias"] = jnp.full_like(
-        bias, -math.log((1 - prior_prob) / prior_prob))
+    params["head"]["cls_logits"]["bias"] = jnp.full_like(bias, decoders.prior_logit(prior_prob))
     return params
 
 

@@ -107,7 +107,8 @@ def run(config, workdir: str) -> dict:
     for fraction in config.fractions:
         rows = tasks.fraction_indices(len(sources["train"]), fraction, config.seed)
         params = {"vision": loaded.params["vision"],
-                  "decoder": init_decoder(vit, decoder, sample, modality, config.seed)}
+                  "decoder": init_decoder(vit, decoder, sample, modality, config.seed,
+                                          _prior(config))}
         keys = ("vision", "decoder") if config.train_encoder else ("decoder",)
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}
@@ -136,10 +137,22 @@ def dice_of(predict, params, batches, class_names) -> dict:
             "dice_per_class": dict(zip(class_names[1:], summary["dice_per_class"]))}
 
 
-def init_decoder(vit, decoder, batch, modality: str, seed: int) -> dict:
-    """Decoder params for the input shape of `batch` (tokens of the encoder's width)."""
+def _prior(config) -> float | None:
+    """config.prior_prob for the sigmoid (focal_dice) decoder; None for softmax or 0."""
+    prior = config.get("prior_prob", 0.0)  # configs saved before the key: no prior
+    return prior if prior and config.loss == "focal_dice" else None
+
+
+def init_decoder(vit, decoder, batch, modality: str, seed: int,
+                 prior_prob: float | None = None) -> dict:
+    """Decoder params for the input shape of `batch` (tokens of the encoder's width); with
+    `prior_prob`, the classifier bias at that foreground prior (`decoders.prior_logit`)."""
     x = jnp.asarray(batch[features.input_key(modality)])
     grid = tuple(s // p for s, p in zip(x.shape[1:], decoder.patch))
     tokens = jnp.zeros((x.shape[0], math.prod(grid), vit.width))
-    return decoders.init_params(decoder, seed, x, tokens, [tokens] * len(decoder.skip_layers),
-                                grid)
+    params = decoders.init_params(decoder, seed, x, tokens, [tokens] * len(decoder.skip_layers),
+                                  grid)
+    if prior_prob is not None:
+        bias = params["classifier"]["bias"]
+        params["classifier"]["bias"] = jnp.full_like(bias, decoders.prior_logit(prior_prob))
+    return params
