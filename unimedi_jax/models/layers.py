@@ -58,11 +58,11 @@ def gelu(x: Array) -> Array:
 def _einsum_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
     """Heads-major attention with float32 logits, normalised after the value product.
 
-    softmax(l) v = (exp(l - max l) v) / sum exp(l - max l): dividing the (T, C) output rather
-    than the (T, S) weights, and scaling q rather than the logits, leaves one pass over the
-    logits (the exponential) where XLA:CPU otherwise makes three; the whole train step runs
-    4-5% faster (docs/BENCHMARKS.md §6). The max is a constant of the softmax, so no gradient
-    flows through it.
+    softmax(l) v = (exp(l - max l) v) / sum exp(l - max l): the division runs over the (T, C)
+    output instead of the (T, S) weights, and the 1/sqrt(C) scale over q instead of the logits
+    (XLA:CPU otherwise materialises that scalar as a (B, H, T, S) operand); the whole train
+    step runs 4-5% faster (docs/BENCHMARKS.md §6). The max is a constant of the softmax, so no
+    gradient flows through it.
     """
     q = q * np.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, H, T, C)
