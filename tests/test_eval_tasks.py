@@ -359,6 +359,10 @@ def test_segmentation_prior_sets_only_the_classifier_bias():
     assert segmentation._prior(config) == 0.01
     config.loss = "dice_ce"  # softmax classes: no sigmoid prior
     assert segmentation._prior(config) is None
+    for bad in (1.0, -0.01, 2.0):
+        config.prior_prob = bad
+        with pytest.raises(ValueError, match="config.prior_prob"):
+            segmentation._prior(config)
 
 
 def test_built_phantom_runs_a_task(tmp_path, pretrained):

@@ -92,6 +92,7 @@ def run(config, workdir: str) -> dict:
     scores Dice on the test split; writes WORKDIR/results.json."""
     if config.loss == "focal_dice" and not config.data.seg_binary:
         raise ValueError("config.loss='focal_dice' is binary: set config.data.seg_binary=True")
+    prior = _prior(config)  # checked before any data or model is loaded
     sources, label_names = tasks.open_splits(config.data)
     table, class_names = class_table(label_names, config.data.seg_classes, config.data.seg_binary)
     modality = config.data.modality
@@ -107,8 +108,7 @@ def run(config, workdir: str) -> dict:
     for fraction in config.fractions:
         rows = tasks.fraction_indices(len(sources["train"]), fraction, config.seed)
         params = {"vision": loaded.params["vision"],
-                  "decoder": init_decoder(vit, decoder, sample, modality, config.seed,
-                                          _prior(config))}
+                  "decoder": init_decoder(vit, decoder, sample, modality, config.seed, prior)}
         keys = ("vision", "decoder") if config.train_encoder else ("decoder",)
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}
@@ -140,6 +140,9 @@ def dice_of(predict, params, batches, class_names) -> dict:
 def _prior(config) -> float | None:
     """config.prior_prob for the sigmoid (focal_dice) decoder; None for softmax or 0."""
     prior = config.get("prior_prob", 0.0)  # configs saved before the key: no prior
+    if not (prior == 0.0 or 0.0 < prior < 1.0):
+        raise ValueError(f"config.prior_prob={prior!r}: a foreground probability in (0, 1), "
+                         "or 0 for a classifier bias of 0")
     return prior if prior and config.loss == "focal_dice" else None
 
 
