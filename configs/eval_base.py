@@ -32,6 +32,9 @@ def get_base(task: str, modality: str) -> ml_collections.ConfigDict:
         manual_dir="",                  # raw files of a real dataset (not the phantom)
         modality=modality,              # "xray" (image) | "ct" (volume)
         crop_size=crop,                 # as pretraining: centre crop of the stored size
+        # training augmentation of the tasks that train: transforms.AugmentOptions fields, the
+        # ones left out off; None = the modality's DEFAULT_AUGMENT (data/transforms.py)
+        augment=None,
         labels=(),                      # label names used; () = all of the dataset's
         procedural=False,               # phantom: generate records on the fly, no build
         # build_dataset options; None = the dataset's default (phantom: data/phantom.py

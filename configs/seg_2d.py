@@ -32,6 +32,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fractions = (0.01, 0.1, 1.0)      # paper: 1%, 10%, 100%
     c.data.seg_classes = ()             # label names segmented; () = all
     c.data.seg_binary = True            # one foreground class (RSNA pneumonia regions)
+    c.data.augment = dict(              # the image and its mask alike
+        flip_prob=0.5,                  # left-right; a mask has no laterality to contradict
+        max_rotation_deg=10.0,          # paper appendix 7.2: ShiftScaleRotate (transforms.py:
+        scale_range=(0.9, 1.1),         #   the X-ray default); the shift is the random crop
+    )
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-4,                        # paper appendix 7.2
         weight_decay=1e-6,              # paper appendix 7.2

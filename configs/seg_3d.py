@@ -26,6 +26,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train_encoder = True              # paper appendix 7.2: "We train the entire model"
     c.data.seg_classes = ()             # label names segmented; () = all
     c.data.seg_binary = True            # phantom: measured, one foreground class (RESULTS §8)
+    c.data.augment = dict(              # paper appendix 7.2: rotation, scaling, flipping,
+        flip_prob=0.5,                  #   brightness and contrast; the volume and its mask
+        max_rotation_deg=10.0,          #   alike; the angle and scale range as the 2D task's
+        scale_range=(0.9, 1.1),
+        intensity_scale=0.1,            # as the CT default (data/transforms.py)
+        intensity_shift=0.1,
+    )
     c.optim.update(
         lr=1e-3,                        # phantom: measured (paper appendix 7.2: 1e-4)
         weight_decay=1e-5,              # UNETR's BTCV recipe (AdamW, MONAI tutorial)

@@ -269,6 +269,24 @@ def test_subset_and_padding():
     np.testing.assert_array_equal(padded["x"], [0, 1, 2, 2, 2])
 
 
+def test_train_batches_follow_config_augment():
+    """config.data.augment reaches a task's training batches: a certain flip mirrors the image
+    and its mask; None keeps the modality default (X-ray: no flip)."""
+    config = tiny("seg_2d")
+    config.data.augment = dict(flip_prob=1.0, crop_jitter=0)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (IMAGE, IMAGE), np.uint8)
+    mask = rng.integers(0, 3, (IMAGE, IMAGE), np.uint8)
+    source = [{"image": image, "mask": mask, "labels": np.zeros(5, np.float32)}]
+    config.optim.batch_size = 1
+    batch = next(tasks.train_batches(config, source, [0], with_mask=True))
+    np.testing.assert_array_equal(batch["image"][0], np.flip(preprocess.normalize_xray(image), -1))
+    np.testing.assert_array_equal(batch["mask"][0], np.flip(mask, -1))
+    config.data.augment = dict(flip=1.0)
+    with pytest.raises(ValueError, match="config.data.augment: unknown"):
+        tasks.train_batches(config, source, [0], with_mask=True)
+
+
 def test_results_nan_is_null(tmp_path):
     config = ml_collections.ConfigDict({"task": "t"})
     loaded = tasks.Loaded(None, {}, config, {"init": "random"})

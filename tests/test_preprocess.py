@@ -152,6 +152,16 @@ def test_flip_equals_np_flip_and_no_flip_by_default():
     np.testing.assert_array_equal(out, preprocess.normalize_ct(raw))
 
 
+def test_augment_options_from_config_fields():
+    assert transforms.augment_options(None, "k") is None
+    options = transforms.augment_options({"flip_prob": 0.5, "scale_range": [0.9, 1.1]}, "k")
+    assert options == transforms.AugmentOptions(flip_prob=0.5, scale_range=(0.9, 1.1))
+    with pytest.raises(ValueError, match=r"config.data.augment: unknown .*\['flip'\]"):
+        transforms.augment_options({"flip": 0.5}, "config.data.augment")
+    with pytest.raises(ValueError, match="config.data.augment: Invalid augmentation"):
+        transforms.augment_options({"flip_prob": 2.0}, "config.data.augment")
+
+
 def _bilinear_reference(image, coords, cval):
     """float64 bilinear sampling of a 2D image at coords (2, ...); cval outside the image."""
     rows, cols = coords

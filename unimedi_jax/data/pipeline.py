@@ -313,12 +313,12 @@ def make_mixed(data, *, tokenizer_folder: str, process_index: int | None = None,
                                  f"'phantom', not {spec.dataset!r}")
             name = f"procedural {name}"
         source = _config_split(data, modality, spec.split, procedural=data.procedural)
-        augment = spec.get("augment")
         iterators[modality] = iter(make_dataset(
             source, modality=modality, batch_size=global_batch // process_count, train=True,
             crop_size=spec.crop_size, tokenizer_folder=tokenizer_folder, seed=data.seed,
             max_length=data.max_length, num_epochs=None, name=name,
-            augment=None if augment is None else transforms.AugmentOptions(**dict(augment)),
+            augment=transforms.augment_options(spec.get("augment"),
+                                               f"config.data.{modality}.augment"),
             process_index=process_index, process_count=process_count,
             worker_count=data.worker_count))
     return MixedIterator(**iterators)

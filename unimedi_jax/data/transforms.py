@@ -82,6 +82,24 @@ CT_AUGMENT = AugmentOptions(intensity_scale=0.1, intensity_shift=0.1)
 DEFAULT_AUGMENT = {"xray": XRAY_AUGMENT, "ct": CT_AUGMENT}
 
 
+def augment_options(fields, key: str) -> AugmentOptions | None:
+    """`AugmentOptions` from a config mapping of some of its fields (the others off), or None
+    (the modality's `DEFAULT_AUGMENT`) for None; errors name the config `key`."""
+    if fields is None:
+        return None
+    fields = dict(fields)
+    known = [f.name for f in dataclasses.fields(AugmentOptions)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"{key}: unknown augmentation fields {unknown}; choose from {known}")
+    if "scale_range" in fields:
+        fields["scale_range"] = tuple(fields["scale_range"])
+    try:
+        return AugmentOptions(**fields)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
 def window(
     x: np.ndarray,
     offsets: Sequence[int],

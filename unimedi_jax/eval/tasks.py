@@ -30,7 +30,7 @@ import optax
 from absl import logging
 
 from unimedi_jax import files
-from unimedi_jax.data import pipeline, sources
+from unimedi_jax.data import pipeline, sources, transforms
 from unimedi_jax.eval import features
 from unimedi_jax.models import bundle
 from unimedi_jax.models.unimedi import UniMedI
@@ -95,10 +95,13 @@ def split_batches(config, sources: dict, split: str, fields=("labels",)):
 
 def train_batches(config, source, rows, with_mask: bool = False) -> Iterator[dict]:
     """Endless shuffled, augmented batches of `config.optim.batch_size` records source[rows]
-    (`pipeline.make_dataset(train=True)`, seeded by config.seed, in this process)."""
+    (`pipeline.make_dataset(train=True)`, seeded by config.seed, in this process), augmented by
+    `config.data.augment` (None: the modality's `transforms.DEFAULT_AUGMENT`)."""
+    augment = transforms.augment_options(config.data.get("augment"), "config.data.augment")
     return iter(pipeline.make_dataset(
         features.Subset(source, rows), modality=config.data.modality,
         batch_size=config.optim.batch_size, train=True, crop_size=config.data.crop_size,
+        augment=augment,
         tokenizer_folder=None, seed=config.seed, with_mask=with_mask,
         name=split_name(config.data, "train"), process_index=0, process_count=1))
 
