@@ -16,7 +16,7 @@ from unimedi_jax.data import preprocess, text
 from unimedi_jax.eval import features, metrics, retrieval, tasks
 from unimedi_jax.models.unimedi import UniMedI, teacher_params
 from unimedi_jax.objective import selection
-from unimedi_jax.train import checkpoint
+from unimedi_jax.train import checkpoint, validation
 
 VOLUME = (16, 32, 32)
 IMAGE = 32
@@ -271,7 +271,8 @@ def test_subset_and_padding():
 
 def test_train_batches_follow_config_augment():
     """config.data.augment reaches a task's training batches: a certain flip mirrors the image
-    and its mask; None keeps the modality default (X-ray: no flip)."""
+    and its mask; an unknown field is rejected by the task's config check, before any loading,
+    and by the batches themselves."""
     config = tiny("seg_2d")
     config.data.augment = dict(flip_prob=1.0, crop_jitter=0)
     rng = np.random.default_rng(0)
@@ -285,6 +286,9 @@ def test_train_batches_follow_config_augment():
     config.data.augment = dict(flip=1.0)
     with pytest.raises(ValueError, match="config.data.augment: unknown"):
         tasks.train_batches(config, source, [0], with_mask=True)
+    config.init_from = "/nowhere"  # would fail to load, were the config check not first
+    with pytest.raises(validation.ConfigError, match=r"config.data.augment: unknown .*\['flip'\]"):
+        main.run(config, "/nowhere")
 
 
 def test_results_nan_is_null(tmp_path):

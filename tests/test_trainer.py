@@ -241,6 +241,7 @@ def test_sigterm_before_the_first_step_stops_without_a_checkpoint(tmp_path, data
     ("objective.sd.modalities", ("ct", "mri"), r"config.objective.sd.modalities=\('ct', 'mri'\)"),
     ("model.text.checkpoint", "/nonexistent/bert", r"config.model.text.checkpoint=.*not a folder"),
     ("method", "simclr", r"config.method='simclr'; choose one of \['drasclr', 'joint', 'unimedi'"),
+    ("data.xray.augment", {"flip_prob": 2.0}, r"config.data.xray.augment: Invalid augmentation"),
     ("method", "joint", r"config.method='joint' needs config.objective.joint: start from "
                         r"configs/pretrain_joint.py"),
 ])

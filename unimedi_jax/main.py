@@ -42,6 +42,8 @@ def run(config, workdir: str):
     """Runs the task named by `config.task`."""
     if config.task not in TASKS:
         raise ValueError(f"config.task={config.task!r} is unknown; known tasks: {sorted(TASKS)}")
+    if config.task != "pretrain":  # pretraining validates its own config
+        validation.validate_task_config(config)
     module, fn = TASKS[config.task].split(":")
     return getattr(importlib.import_module(module), fn)(config, workdir)
 

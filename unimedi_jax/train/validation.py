@@ -6,6 +6,7 @@ import os
 
 import ml_collections
 
+from unimedi_jax.data import transforms
 from unimedi_jax.models import layers
 from unimedi_jax.objective import masking, methods, pair, selection, step, update
 
@@ -86,6 +87,22 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
         if config[key] <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
+    for modality in ("xray", "ct"):
+        if modality in config.data:
+            _check_augment(config.data[modality].get("augment"), f"config.data.{modality}.augment")
+
+
+def validate_task_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a downstream task's values that would fail after it has loaded."""
+    if "data" in config:
+        _check_augment(config.data.get("augment"), "config.data.augment")
+
+
+def _check_augment(fields, key: str) -> None:
+    try:
+        transforms.augment_options(fields, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_pair(pair_cfg) -> None:
