@@ -82,6 +82,32 @@ def test_dice_matches_numpy_reference(num_classes):
     per_class = np.nanmean(ref[:, 1:], axis=0)
     np.testing.assert_allclose(summary["dice_per_class"], per_class, rtol=0, atol=1e-12)
     np.testing.assert_allclose(summary["dice"], per_class.mean(), rtol=0, atol=1e-12)
+    # where the Dice is lost, by loops over samples and classes
+    present_ref, clean_ref = [], []
+    for c in range(1, num_classes):
+        has = [bool((t == c).any()) for t in true]
+        present_ref.append(np.mean([ref[i, c] for i in range(len(true)) if has[i]]))
+        absent = [not (p == c).any() for i, p in enumerate(pred) if not has[i]]
+        clean_ref.append(np.mean(absent) if absent else np.nan)
+    np.testing.assert_allclose(summary["dice_present_per_class"], present_ref, rtol=0,
+                               atol=1e-12)
+    np.testing.assert_allclose(summary["dice_present"], np.mean(present_ref), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(summary["clean_absent_per_class"], clean_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(summary["clean_absent"], np.nanmean(clean_ref), rtol=0,
+                               atol=1e-12)
+
+
+def test_dice_summary_splits_present_and_absent_samples():
+    """Two X-rays: one with a finding half found, one without it and a false-positive pixel."""
+    true = np.zeros((3, 4, 4), int)
+    true[0, :2, :2] = 1
+    pred = np.zeros_like(true)
+    pred[0, :2, :1] = 1  # 2 of 4 pixels: Dice 2*2/(2+4) = 2/3
+    pred[1, 3, 3] = 1    # absent, one pixel predicted: Dice 0, not clean
+    summary = metrics.dice_summary(pred, true, 2)  # sample 2: absent, clean, Dice undefined
+    assert summary["dice"] == pytest.approx(1 / 3)
+    assert summary["dice_present"] == pytest.approx(2 / 3)
+    assert summary["clean_absent"] == pytest.approx(1 / 2)
 
 
 def test_dice_rejects_out_of_range_classes():

@@ -90,15 +90,35 @@ def dice_per_sample(predictions: np.ndarray, targets: np.ndarray, num_classes: i
 
 
 def dice_summary(predictions: np.ndarray, targets: np.ndarray, num_classes: int) -> dict:
-    """{"dice": mean over foreground classes, "dice_per_class": [classes 1..C-1]}; NaN where
-    undefined."""
+    """Dice of integer label maps (N, ...) per foreground class (1..C-1) and their mean.
+
+    "dice": mean over samples where the class is in either map (`dice_per_sample`), so a sample
+    without the class that predicts any of it scores 0 and one that predicts none is left out.
+    Where that Dice is lost: "dice_present", over the samples whose target holds the class
+    alone; "clean_absent", the fraction of samples without the class in the target that
+    predict none of it. Each as "<key>_per_class" and its mean over classes; NaN where
+    undefined.
+    """
     per_sample = dice_per_sample(predictions, targets, num_classes)[:, 1:]
+    n = per_sample.shape[0]
+    classes = np.arange(1, num_classes)
+    present = (np.asarray(targets).reshape(n, -1)[:, :, None] == classes).any(1)
+    predicted = (np.asarray(predictions).reshape(n, -1)[:, :, None] == classes).any(1)
+
+    def mean_over(values, where):  # (N, C-1) -> (C-1,) mean over the rows `where` holds
+        count = where.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, np.where(where, values, 0.0).sum(0) / count, np.nan)
+
+    def with_mean(key, per_class):
+        valid = per_class[~np.isnan(per_class)]
+        return {key: float(valid.mean()) if valid.size else float("nan"),
+                key + "_per_class": per_class.tolist()}
+
     defined = ~np.isnan(per_sample)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.where(defined.any(0), np.nansum(per_sample, 0) / defined.sum(0), np.nan)
-    valid = per_class[~np.isnan(per_class)]
-    return {"dice": float(valid.mean()) if valid.size else float("nan"),
-            "dice_per_class": per_class.tolist()}
+    return {**with_mean("dice", mean_over(np.nan_to_num(per_sample), defined)),
+            **with_mean("dice_present", mean_over(np.nan_to_num(per_sample), present)),
+            **with_mean("clean_absent", mean_over((~predicted).astype(np.float64), ~present))}
 
 
 def recall_at_k(similarity: np.ndarray, relevant: np.ndarray,

@@ -11,7 +11,8 @@ c - 1, docs/CONTRACTS.md): `data.seg_classes` picks label names (() = all) that 
 foreground class (required by the focal + dice loss). Training batches are augmented
 (`pipeline.make_dataset(train=True, with_mask=True)`: geometry applies to the mask, nearest
 neighbour); early stopping on the validation loss; the test split is scored by Dice
-(`metrics.dice_summary`: per foreground class and their mean).
+(`metrics.dice_summary`: per foreground class and their mean, and where it is lost: the
+Dice of the samples that hold a class, the share of those without it predicted clean).
 """
 
 from __future__ import annotations
@@ -129,12 +130,12 @@ def run(config, workdir: str) -> dict:
 
 
 def dice_of(predict, params, batches, class_names) -> dict:
-    """{"dice": mean over foreground classes, "dice_per_class": {name: Dice}} of `predict` over
-    `batches` (`metrics.dice_summary`)."""
+    """`metrics.dice_summary` of `predict` over `batches`, each per-class list as
+    {class name: value}."""
     out = features.apply_batched(predict, params, batches)
     summary = metrics.dice_summary(out["pred"], out["target"], len(class_names))
-    return {"dice": summary["dice"],
-            "dice_per_class": dict(zip(class_names[1:], summary["dice_per_class"]))}
+    return {k: dict(zip(class_names[1:], v)) if k.endswith("_per_class") else v
+            for k, v in summary.items()}
 
 
 def _prior(config) -> float | None:
