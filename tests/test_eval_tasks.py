@@ -119,7 +119,7 @@ def test_segmentation(tmp_path, pretrained, name, per_class):
     defined = [v for v in m["dice_per_class"].values() if v is not None]
     assert m["dice"] == pytest.approx(np.mean(defined)) and 0 <= m["dice"] <= 1
     assert list(m["history"][0]["val_dice_per_class"]) == classes  # Dice over training
-    for key in ("dice_present", "clean_absent"):  # where the Dice is lost, per class
+    for key in ("dice_present", "clean_absent", "dice_empty_as_one"):  # where it is lost
         assert list(m[key + "_per_class"]) == classes
         assert list(m["history"][0][f"val_{key}_per_class"]) == classes
 

@@ -95,10 +95,13 @@ def test_dice_matches_numpy_reference(num_classes):
     np.testing.assert_allclose(summary["clean_absent_per_class"], clean_ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(summary["clean_absent"], np.nanmean(clean_ref), rtol=0,
                                atol=1e-12)
+    empty_as_one = np.where(np.isnan(ref[:, 1:]), 1.0, ref[:, 1:]).mean(0)
+    np.testing.assert_allclose(summary["dice_empty_as_one_per_class"], empty_as_one, rtol=0,
+                               atol=1e-12)
 
 
 def test_dice_summary_splits_present_and_absent_samples():
-    """Two X-rays: one with a finding half found, one without it and a false-positive pixel."""
+    """Three X-rays: a finding partly found; none and a false-positive pixel; none, clean."""
     true = np.zeros((3, 4, 4), int)
     true[0, :2, :2] = 1
     pred = np.zeros_like(true)
@@ -108,6 +111,7 @@ def test_dice_summary_splits_present_and_absent_samples():
     assert summary["dice"] == pytest.approx(1 / 3)
     assert summary["dice_present"] == pytest.approx(2 / 3)
     assert summary["clean_absent"] == pytest.approx(1 / 2)
+    assert summary["dice_empty_as_one"] == pytest.approx((2 / 3 + 0 + 1) / 3)
 
 
 def test_dice_rejects_out_of_range_classes():

@@ -97,7 +97,8 @@ def dice_summary(predictions: np.ndarray, targets: np.ndarray, num_classes: int)
     Where that Dice is lost: "dice_present", over the samples whose target holds the class
     alone; "clean_absent", the fraction of samples without the class in the target that
     predict none of it. Each as "<key>_per_class" and its mean over classes; NaN where
-    undefined.
+    undefined. "dice_empty_as_one": the mean over every sample with one in neither map scoring
+    1 (the convention of MGCA's RSNA segmentation, whose setting the paper's Table 4 follows).
     """
     per_sample = dice_per_sample(predictions, targets, num_classes)[:, 1:]
     n = per_sample.shape[0]
@@ -118,7 +119,8 @@ def dice_summary(predictions: np.ndarray, targets: np.ndarray, num_classes: int)
     defined = ~np.isnan(per_sample)
     return {**with_mean("dice", mean_over(np.nan_to_num(per_sample), defined)),
             **with_mean("dice_present", mean_over(np.nan_to_num(per_sample), present)),
-            **with_mean("clean_absent", mean_over((~predicted).astype(np.float64), ~present))}
+            **with_mean("clean_absent", mean_over((~predicted).astype(np.float64), ~present)),
+            **with_mean("dice_empty_as_one", np.where(defined, per_sample, 1.0).mean(0))}
 
 
 def recall_at_k(similarity: np.ndarray, relevant: np.ndarray,
