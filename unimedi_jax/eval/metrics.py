@@ -97,14 +97,14 @@ def dice_summary(predictions: np.ndarray, targets: np.ndarray, num_classes: int)
     Where that Dice is lost: "dice_present", over the samples whose target holds the class
     alone; "clean_absent", the fraction of samples without the class in the target that
     predict none of it. Each as "<key>_per_class" and its mean over classes; NaN where
-    undefined. "dice_empty_as_one": the mean over every sample with one in neither map scoring
-    1 (the convention of MGCA's RSNA segmentation, whose setting the paper's Table 4 follows).
+    undefined. "dice_empty_as_one": the mean over every sample, one with the class in neither
+    map scoring 1 (MGCA's RSNA segmentation, whose setting the paper's Table 4 follows).
     """
     per_sample = dice_per_sample(predictions, targets, num_classes)[:, 1:]
     n = per_sample.shape[0]
-    classes = np.arange(1, num_classes)
-    present = (np.asarray(targets).reshape(n, -1)[:, :, None] == classes).any(1)
-    predicted = (np.asarray(predictions).reshape(n, -1)[:, :, None] == classes).any(1)
+    holds = lambda x: np.stack([(np.asarray(x).reshape(n, -1) == c).any(1)
+                                for c in range(1, num_classes)], axis=1)  # (N, C-1)
+    present, predicted = holds(targets), holds(predictions)
 
     def mean_over(values, where):  # (N, C-1) -> (C-1,) mean over the rows `where` holds
         count = where.sum(0)
