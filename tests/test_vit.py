@@ -168,7 +168,8 @@ def test_2d_path_matches_timm():
         embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, qkv_bias=True)
     sd = timm_state_dict(params, depth=2)
     missing, unexpected = ref.load_state_dict(
-        {k: torch.from_numpy(np.array(v)) for k, v in sd.items() if k not in TIMM_3D_KEYS}, strict=True)
+        {k: torch.from_numpy(np.array(v)) for k, v in sd.items() if k not in TIMM_3D_KEYS},
+        strict=True)
     assert not missing and not unexpected
     with torch.no_grad():
         got = ref.eval()(torch.from_numpy(images)[:, None]).numpy()
