@@ -31,7 +31,7 @@ def conv(x, p, transposed=False):
         fn = F.conv_transpose2d if ndim == 2 else F.conv_transpose3d
         return fn(x, w, b, stride=tuple(p["kernel"].shape[:ndim]))
     fn = F.conv2d if ndim == 2 else F.conv3d
-    return fn(x, w, b, padding=p["kernel"].shape[0] // 2)
+    return fn(x, w, b, padding=tuple(k // 2 for k in p["kernel"].shape[:ndim]))
 
 
 def norm(x, p, groups):
@@ -141,14 +141,48 @@ def test_stage_schedule_and_checks():
         decoders.num_stages((3, 16, 16))
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (3, 3, 3), (5, 3, 1), (1, 1, 1)])
+def test_conv_matches_torch_and_flax(kernel):
+    """decoders.Conv (a 3D kernel as one 2D conv over stacked depth shifts) is torch's zero-
+    padded conv in float64, and flax's nn.Conv(padding="SAME") with the same params."""
+    rng = np.random.default_rng(len(kernel) * 10 + kernel[0])
+    x = rng.normal(size=(2, *(5, 6, 7)[3 - len(kernel):], 3)).astype(np.float32)
+    layer = decoders.Conv(4, kernel)
+    params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32),
+                          layer.init(jax.random.key(0), x))
+    out = np.asarray(layer.apply(params, x))
+    want = channels_last(conv(t(np.moveaxis(x, -1, 1)), params["params"]))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, nn.Conv(4, kernel, padding="SAME").apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="odd sides"):
+        decoders.Conv(4, (2, 3, 3)).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("strides", [(2, 2), (2, 2, 2), (1, 2, 2)])
+def test_upsample_matches_torch_and_flax(strides):
+    """decoders.Upsample (one matmul and an interleave) is torch's conv_transpose with the
+    flipped kernel in float64, and flax's nn.ConvTranspose(kernel = stride, VALID)."""
+    rng = np.random.default_rng(len(strides) * 10 + strides[0])
+    x = rng.normal(size=(2, *(3, 4, 5)[3 - len(strides):], 3)).astype(np.float32)
+    layer = decoders.Upsample(4, strides)
+    params = layer.init(jax.random.key(0), x)
+    out = np.asarray(layer.apply(params, x))
+    assert out.shape == (2, *(n * s for n, s in zip(x.shape[1:-1], strides)), 4)
+    want = channels_last(conv(t(np.moveaxis(x, -1, 1)), params["params"], transposed=True))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    native = nn.ConvTranspose(4, strides, strides=strides, padding="VALID", use_bias=False)
+    np.testing.assert_allclose(out, native.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
 class _Layers(nn.Module):
     """Every layer kind the decoders use."""
 
     @nn.compact
     def __call__(self, x):
-        x = nn.ConvTranspose(32, (2, 2), strides=(2, 2), padding="VALID", use_bias=False)(x)
-        x = nn.GroupNorm(num_groups=4)(nn.Conv(48, (3, 3))(x))
-        return nn.GroupNorm(num_groups=None, group_size=1)(nn.Conv(40, (1, 1))(x))
+        x = decoders.Upsample(32, (2, 2))(x)
+        x = nn.GroupNorm(num_groups=4)(decoders.Conv(48, (3, 3))(x))
+        return nn.GroupNorm(num_groups=None, group_size=1)(decoders.Conv(40, (1, 1))(x))
 
 
 def test_init_params_matches_flax_init():

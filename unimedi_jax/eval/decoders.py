@@ -90,8 +90,66 @@ def tokens_to_grid(tokens: Array, grid: Sequence[int]) -> Array:
     return tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1])
 
 
-def _conv(features: int, kernel: Sequence[int], name: str, **kwargs) -> nn.Conv:
-    return nn.Conv(features, tuple(kernel), name=name, **kwargs)
+class Conv(nn.Module):
+    """`nn.Conv(features, kernel, padding="SAME")` at stride 1: the same parameters (kernel
+    (*k, C, F), bias (F,)) and the same map, (B, *spatial, C) -> (B, *spatial, F).
+
+    A 3D kernel (kd, kh, kw) runs as one 2D conv: the kd depth-shifted copies of the input are
+    stacked on channels, (B * D, H, W, kd * C), and the kernel reshaped to (kh, kw, kd * C, F).
+    XLA:CPU runs a 3D conv and its gradients 10-30x slower than the 2D conv over the same voxels
+    (`python -m benchmarks.decoders`); the stacked form costs kd copies of the input.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = tuple(self.kernel_size)
+        if len(k) not in (2, 3) or any(n % 2 == 0 for n in k):
+            raise ValueError(f"Conv takes a 2D or 3D kernel of odd sides, got {k}")
+        channels = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*k, channels, self.features))
+        if len(k) == 3:
+            batch, depth, *plane = x.shape[:-1]
+            half = k[0] // 2
+            padded = jnp.pad(x, ((0, 0), (half, half)) + ((0, 0),) * 3)
+            x = jnp.concatenate([padded[:, i:i + depth] for i in range(k[0])], axis=-1)
+            x = x.reshape(batch * depth, *plane, k[0] * channels)
+            kernel = jnp.moveaxis(kernel, 0, 2).reshape(*k[1:], k[0] * channels, self.features)
+        y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if len(k) == 3:
+            y = y.reshape(batch, depth, *plane, self.features)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        return y
+
+
+class Upsample(nn.Module):
+    """`nn.ConvTranspose(features, strides, strides=strides, padding="VALID", use_bias=False)`:
+    the same kernel (*s, C, F) and map, (B, *spatial, C) -> (B, *(n * s), F). With kernel =
+    stride every input element writes its own s-block, output[s * i + j] = x[i] @ kernel[s - 1
+    - j] (flax's kernel is not flipped back), so it is one matmul and a reshape, without
+    XLA:CPU's slow 3D transposed conv."""
+
+    features: int
+    strides: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        s = tuple(self.strides)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*s, x.shape[-1], self.features))
+        n = len(s)
+        kernel = jnp.flip(kernel, range(n)).astype(x.dtype)
+        y = jnp.tensordot(x, kernel, axes=([x.ndim - 1], [n]))  # (B, *spatial, *s, F)
+        # interleave: (B, n1, s1, n2, s2, ..., F) -> (B, n1 * s1, ..., F)
+        order = [0] + [a for i in range(n) for a in (1 + i, 1 + n + i)] + [1 + 2 * n]
+        y = y.transpose(order)
+        return y.reshape(x.shape[0], *(m * f for m, f in zip(x.shape[1:-1], s)), self.features)
 
 
 def unetr_skip_layers(depth: int) -> tuple[int, int, int]:
@@ -113,12 +171,12 @@ class SETRPUP(nn.Module):
         y = tokens_to_grid(tokens, grid)
         ndim = len(grid)
         for s in range(num_stages(self.patch)):
-            y = _conv(self.channels, (3,) * ndim, f"conv_{s}", padding="SAME")(y)
+            y = Conv(self.channels, (3,) * ndim, name=f"conv_{s}")(y)
             y = nn.relu(nn.GroupNorm(num_groups=self.norm_groups, name=f"norm_{s}")(y))
             up = stage_strides(self.patch, s)
             y = jax.image.resize(y, (y.shape[0], *(n * f for n, f in zip(y.shape[1:-1], up)),
                                      y.shape[-1]), method="linear")
-        return _conv(self.num_classes, (1,) * ndim, "classifier")(y)
+        return Conv(self.num_classes, (1,) * ndim, name="classifier")(y)
 
 
 class ResBlock(nn.Module):
@@ -130,8 +188,7 @@ class ResBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         ndim = x.ndim - 2
         norm = lambda name: nn.GroupNorm(num_groups=None, group_size=1, name=name)  # instance
-        conv = lambda k, name: _conv(self.features, (k,) * ndim, name, padding="SAME",
-                                     use_bias=False)
+        conv = lambda k, name: Conv(self.features, (k,) * ndim, use_bias=False, name=name)
         y = nn.leaky_relu(norm("norm1")(conv(3, "conv1")(x)), LEAKY_SLOPE)
         y = norm("norm2")(conv(3, "conv2")(y))
         if x.shape[-1] != self.features:
@@ -139,10 +196,9 @@ class ResBlock(nn.Module):
         return nn.leaky_relu(x + y, LEAKY_SLOPE)
 
 
-def _up(features: int, strides: Sequence[int], name: str) -> nn.ConvTranspose:
+def _up(features: int, strides: Sequence[int], name: str) -> Upsample:
     """Transposed conv with kernel = stride (MONAI upsample_kernel_size 2, conv_only)."""
-    return nn.ConvTranspose(features, tuple(strides), strides=tuple(strides), padding="VALID",
-                            use_bias=False, name=name)
+    return Upsample(features, tuple(strides), name=name)
 
 
 class UNETR(nn.Module):
@@ -177,4 +233,4 @@ class UNETR(nn.Module):
         for s, (skip, width) in enumerate(zip(skips[::-1], (8 * fs, 4 * fs, 2 * fs, fs))):
             y = _up(width, strides[s], f"decoder{5 - s}_up")(y)
             y = ResBlock(width, name=f"decoder{5 - s}_block")(jnp.concatenate([y, skip], -1))
-        return _conv(self.num_classes, (1,) * (x.ndim - 1), "classifier")(y)
+        return Conv(self.num_classes, (1,) * (x.ndim - 1), name="classifier")(y)
