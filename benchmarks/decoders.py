@@ -54,7 +54,7 @@ def main() -> None:
         pairs = {
             "conv3": (decoders.Conv(fs, (3,) * ndim, use_bias=False),
                       nn.Conv(fs, (3,) * ndim, padding="SAME", use_bias=False), x),
-            "up2": (decoders._up(fs, (2,) * ndim, "up"),
+            "up2": (decoders.Upsample(fs, (2,) * ndim),
                     nn.ConvTranspose(fs, (2,) * ndim, strides=(2,) * ndim, padding="VALID",
                                      use_bias=False), half),
         }

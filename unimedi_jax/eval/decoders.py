@@ -96,8 +96,8 @@ class Conv(nn.Module):
 
     A 3D kernel (kd, kh, kw) runs as one 2D conv: the kd depth-shifted copies of the input are
     stacked on channels, (B * D, H, W, kd * C), and the kernel reshaped to (kh, kw, kd * C, F).
-    XLA:CPU runs a 3D conv and its gradients 10-30x slower than the 2D conv over the same voxels
-    (`python -m benchmarks.decoders`); the stacked form costs kd copies of the input.
+    XLA:CPU has a fast path for 2D convs only: its native 3D conv takes ~6x longer forward and
+    backward (`python -m benchmarks.decoders`); the stacked form costs kd copies of the input.
     """
 
     features: int
@@ -130,10 +130,11 @@ class Conv(nn.Module):
 
 class Upsample(nn.Module):
     """`nn.ConvTranspose(features, strides, strides=strides, padding="VALID", use_bias=False)`:
-    the same kernel (*s, C, F) and map, (B, *spatial, C) -> (B, *(n * s), F). With kernel =
-    stride every input element writes its own s-block, output[s * i + j] = x[i] @ kernel[s - 1
-    - j] (flax's kernel is not flipped back), so it is one matmul and a reshape, without
-    XLA:CPU's slow 3D transposed conv."""
+    the same kernel (*s, C, F) and map, (B, *spatial, C) -> (B, *(n * s), F); MONAI's
+    upsample_kernel_size 2, conv_only. With kernel = stride every input element writes its own
+    s-block, output[s * i + j] = x[i] @ kernel[s - 1 - j] (flax's transposed conv leaves its
+    kernel unflipped), so it is one matmul and an interleave, without XLA:CPU's slow 3D
+    transposed conv."""
 
     features: int
     strides: Sequence[int]
@@ -196,11 +197,6 @@ class ResBlock(nn.Module):
         return nn.leaky_relu(x + y, LEAKY_SLOPE)
 
 
-def _up(features: int, strides: Sequence[int], name: str) -> Upsample:
-    """Transposed conv with kernel = stride (MONAI upsample_kernel_size 2, conv_only)."""
-    return Upsample(features, tuple(strides), name=name)
-
-
 class UNETR(nn.Module):
     num_classes: int
     patch: Sequence[int]
@@ -223,14 +219,15 @@ class UNETR(nn.Module):
         skips = [ResBlock(fs, name="encoder1")(x[..., None])]
         for i, (z, width) in enumerate(zip(layers, (2 * fs, 4 * fs, 8 * fs))):
             n_up = 3 - i
-            y = _up(width, strides[0], f"encoder{i + 2}_up0")(tokens_to_grid(z, grid))
+            y = Upsample(width, strides[0], name=f"encoder{i + 2}_up0")(
+                tokens_to_grid(z, grid))
             for s in range(1, n_up):
-                y = _up(width, strides[s], f"encoder{i + 2}_up{s}")(y)
+                y = Upsample(width, strides[s], name=f"encoder{i + 2}_up{s}")(y)
                 y = ResBlock(width, name=f"encoder{i + 2}_block{s}")(y)
             skips.append(y)
         # Decoder: tokens 1/16 -> 1/8 (+z9 path) -> 1/4 (+z6) -> 1/2 (+z3) -> 1/1 (+input).
         y = tokens_to_grid(tokens, grid)
         for s, (skip, width) in enumerate(zip(skips[::-1], (8 * fs, 4 * fs, 2 * fs, fs))):
-            y = _up(width, strides[s], f"decoder{5 - s}_up")(y)
+            y = Upsample(width, strides[s], name=f"decoder{5 - s}_up")(y)
             y = ResBlock(width, name=f"decoder{5 - s}_block")(jnp.concatenate([y, skip], -1))
         return Conv(self.num_classes, (1,) * (x.ndim - 1), name="classifier")(y)
