@@ -155,8 +155,6 @@ def test_conv_matches_torch_and_flax(kernel):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out, nn.Conv(4, kernel, padding="SAME").apply(params, x),
                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="odd sides"):
-        decoders.Conv(4, (2, 3, 3)).init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("strides", [(2, 2), (2, 2, 2), (1, 2, 2)])
@@ -173,6 +171,19 @@ def test_upsample_matches_torch_and_flax(strides):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     native = nn.ConvTranspose(4, strides, strides=strides, padding="VALID", use_bias=False)
     np.testing.assert_allclose(out, native.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_and_upsample_reject_bad_shapes():
+    """An even kernel side, or an input whose rank does not match the kernel or strides, fails
+    at once with the shapes named."""
+    x3 = jnp.zeros((2, 4, 6, 6, 3))
+    with pytest.raises(ValueError, match="odd sides"):
+        decoders.Conv(4, (2, 3, 3)).init(jax.random.key(0), x3)
+    with pytest.raises(ValueError, match=r"Conv kernel \(3, 3\) needs input .* got shape "
+                                         r"\(2, 4, 6, 6, 3\)"):
+        decoders.Conv(4, (3, 3)).init(jax.random.key(0), x3)
+    with pytest.raises(ValueError, match=r"Upsample strides \(2, 2, 2\) needs input"):
+        decoders.Upsample(4, (2, 2, 2)).init(jax.random.key(0), x3[:, 0])
 
 
 class _Layers(nn.Module):

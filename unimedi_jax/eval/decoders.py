@@ -90,6 +90,13 @@ def tokens_to_grid(tokens: Array, grid: Sequence[int]) -> Array:
     return tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1])
 
 
+def _check_rank(x: Array, window: Sequence[int], what: str) -> None:
+    """x must be (B, *spatial, C) with one spatial axis per window side."""
+    if x.ndim != len(window) + 2:
+        raise ValueError(f"{what} {tuple(window)} needs input (batch, {len(window)} spatial "
+                         f"axes, channels), got shape {tuple(x.shape)}")
+
+
 class Conv(nn.Module):
     """`nn.Conv(features, kernel, padding="SAME")` at stride 1: the same parameters (kernel
     (*k, C, F), bias (F,)) and the same map, (B, *spatial, C) -> (B, *spatial, F).
@@ -109,6 +116,7 @@ class Conv(nn.Module):
         k = tuple(self.kernel_size)
         if len(k) not in (2, 3) or any(n % 2 == 0 for n in k):
             raise ValueError(f"Conv takes a 2D or 3D kernel of odd sides, got {k}")
+        _check_rank(x, k, "Conv kernel")
         channels = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (*k, channels, self.features))
@@ -142,6 +150,7 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         s = tuple(self.strides)
+        _check_rank(x, s, "Upsample strides")
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (*s, x.shape[-1], self.features))
         n = len(s)
