@@ -1,13 +1,14 @@
 """Wall time of the segmentation decoder's convolutions, as built and as flax's native layers.
 
-    python -m benchmarks.decoders [--repeats=5]
+    python -m benchmarks.decoders [--repeats=5] [--preset=tiny]
 
 At `configs/seg_3d.py`'s sizes (a batch of 2 volumes of 32 x 64 x 64, patch (4, 16, 16), UNETR
 feature size 4) and `configs/seg_2d.py`'s (16 X-rays of 64 x 64, feature size 16): for each
 conv of UNETR's full-size stage (3x3(x3), the widest input) and its x2 upsampling, the median
 forward and forward + backward seconds of `decoders.Conv` / `decoders.Upsample` beside
 `nn.Conv` / `nn.ConvTranspose` with the same parameters; then the whole UNETR (forward +
-backward through the decoder). The last line is one JSON object.
+backward through the decoder). `--preset=tiny` runs the same measurements at toy sizes (a smoke
+test, not a measurement). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from benchmarks.common import time_calls
 from unimedi_jax.eval import decoders
 
 # (name, batch, spatial, patch, feature size, token width): the two segmentation defaults.
-CASES = (("seg_3d", 2, (32, 64, 64), (4, 16, 16), 4, 128),
-         ("seg_2d", 16, (64, 64), (16, 16), 16, 128))
+CASES = {
+    "default": (("seg_3d", 2, (32, 64, 64), (4, 16, 16), 4, 128),
+                ("seg_2d", 16, (64, 64), (16, 16), 16, 128)),
+    "tiny": (("seg_3d", 1, (8, 32, 32), (4, 16, 16), 2, 16),
+             ("seg_2d", 2, (32, 32), (16, 16), 4, 16)),
+}
 
 
 def _median(fn, repeats: int) -> float:
@@ -42,10 +47,11 @@ def _fwd_bwd(apply, params, x, repeats: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preset", choices=sorted(CASES), default="default")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     report = {"backend": jax.default_backend()}
-    for name, batch, spatial, patch, fs, width in CASES:
+    for name, batch, spatial, patch, fs, width in CASES[args.preset]:
         ndim = len(spatial)
         # the decoder's full-size ResBlock conv: its input is the concat of fs + fs channels
         x = jnp.asarray(rng.standard_normal((batch, *spatial, 2 * fs)), jnp.float32)

@@ -31,6 +31,7 @@ RUNS = {
     "scaling": ["benchmarks.scaling", "--preset=tiny", "--devices=2", "--modes=data",
                 "--steps=1"],
     # A memory budget, as an accelerator reports one, so the batch estimate runs too.
+    "decoders": ["benchmarks.decoders", "--preset=tiny", "--repeats=1"],
     "device_suite": ["benchmarks.device_suite", "--preset=tiny", "--steps=2",
                      "--pipeline_examples=16", "--device_memory_gb=0.005"],
 }
@@ -64,6 +65,13 @@ def test_train_step_reports_positive_numbers(results):
     assert r["torch_over_jax"] > 0
     for part in ("block", "attention core", "block (torch)", "attention core (torch)"):
         _positive(r["breakdown"][part], ["s", "gflops"])
+
+
+def test_decoders_time_both_layers_of_both_tasks(results):
+    r = results["decoders"]
+    for task in ("seg_3d", "seg_2d"):
+        for layer in ("conv3/ours", "conv3/flax", "up2/ours", "up2/flax", "unetr"):
+            _positive(r[f"{task}/{layer}"], ["fwd_s", "fwd_bwd_s"])
 
 
 def test_profile_names_the_step_instructions(results):
