@@ -30,8 +30,8 @@ RUNS = {
     "compile": ["benchmarks.compile_paper_config", "--preset=tiny", "--remat=both"],
     "scaling": ["benchmarks.scaling", "--preset=tiny", "--devices=2", "--modes=data",
                 "--steps=1"],
-    # A memory budget, as an accelerator reports one, so the batch estimate runs too.
     "decoders": ["benchmarks.decoders", "--preset=tiny", "--repeats=1"],
+    # A memory budget, as an accelerator reports one, so the batch estimate runs too.
     "device_suite": ["benchmarks.device_suite", "--preset=tiny", "--steps=2",
                      "--pipeline_examples=16", "--device_memory_gb=0.005"],
 }
